@@ -1,0 +1,1 @@
+"""The recipe grammar (``recipe.lark``), shipped as package data of ``recipec.grammar``."""

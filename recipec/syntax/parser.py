@@ -1,0 +1,285 @@
+"""Text -> syntax tree. Lark is used here and nowhere else: its trees and errors never leave this module."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib import resources
+
+from lark import Lark, Token, Tree
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from recipec.diagnostics import Diagnostic, RecipeErrors, Span
+from recipec.syntax import ast
+
+GRAMMAR_PACKAGE = "recipec.grammar"
+GRAMMAR_FILE = "recipe.lark"
+
+
+def grammar_text() -> str:
+    return resources.files(GRAMMAR_PACKAGE).joinpath(GRAMMAR_FILE).read_text(encoding="utf-8")
+
+
+def build_parser(*, parser: str = "lalr", strict: bool = False) -> Lark:
+    """A fresh Lark parser over the recipe grammar (the benchmark builds an Earley one too)."""
+    options = dict(parser=parser, propagate_positions=True, maybe_placeholders=False)
+    if parser == "lalr":
+        options["strict"] = strict
+    return Lark(grammar_text(), **options)
+
+
+@lru_cache(maxsize=1)
+def _parser() -> Lark:
+    return build_parser()
+
+
+# ---- syntax errors ------------------------------------------------------------------------------
+
+# Labelled messages for parse failures: each entry maps the parser state a snippet fails in to a
+# message and a hint (lark's `match_examples`). tests/test_syntax_errors.py holds one case per entry.
+SYNTAX_EXAMPLES: dict[tuple[str, str, str], list[str]] = {
+    ("E002", "expected `=` or `{` after a name", "set a value with `key = value`, or open a block with `kind name { ... }`"): [
+        "seed 42",
+        "recipe { seed 42 }",
+        "source a { format llava_json }",
+    ],
+    ("E003", "missing value after `=`", "a value is a string, a number such as `10M` or `5%`, a name, a list `[a, b]` or a call like `file(\"x\")`"): [
+        "seed =",
+        "recipe { seed = }",
+        "source a { b = = }",
+        "x = ]",
+        "x = )",
+        "x = ,",
+    ],
+    ("E004", "a block is missing its closing `}`", "add `}` to close the block"): [
+        "recipe {",
+        "recipe { seed = 1",
+        "stage s1 { mix { a = 1 }",
+    ],
+    ("E005", "unexpected `}` with no block open", "remove this `}` or open the block it closes"): [
+        "}",
+        "recipe { } }",
+    ],
+    ("E006", "unclosed list", "close the list with `]`, separating items with `,`"): [
+        "x = [a, b",
+        "x = [a b]",
+        "x = [a,",
+    ],
+    ("E007", "unclosed call", "close the argument list with `)`, separating arguments with `,`"): [
+        "x = file(\"a\"",
+        "x = part(1 3)",
+    ],
+    ("E008", "a rule needs a field, then a comparison or `top`/`bottom`", "write e.g. `keep score >= 8` or `drop loss top 5%`"): [
+        "keep",
+        "keep score",
+        "drop loss 5%",
+        "keep score >=",
+        "drop loss top",
+        "keep = 1",
+    ],
+    ("E009", "`remove` needs a path", "write e.g. `remove source.synthetic` or, inside a block, `remove key`"): [
+        "remove",
+        "remove source.",
+        "remove 1",
+    ],
+    ("E010", "a block label must be a name or a string", "write e.g. `source emu2_caption { ... }` or `recipe \"aquila\" { ... }`"): [
+        "source 1 { }",
+        "source a [ ]",
+    ],
+    ("E011", "a recipe item must start with a name", "items are `key = value`, `kind name { ... }`, `keep ...`, `drop ...` or `remove ...`"): [
+        "1 = 2",
+        "\"x\" = 1",
+        "= 1",
+        "[a]",
+    ],
+}
+
+
+@lru_cache(maxsize=1)
+def _catalogue() -> dict:
+    """Parser state (and the token found there) -> label, learnt by parsing every catalogue snippet.
+
+    Only the LALR state is compared, not the whole stack, so a snippet written at the top level also
+    labels the same mistake inside nested blocks or after labels.
+    """
+    by_state_token: dict[tuple[int, str], tuple[str, str, str]] = {}
+    by_state: dict[int, tuple[str, str, str]] = {}
+    for label, snippets in SYNTAX_EXAMPLES.items():
+        for snippet in snippets:
+            try:
+                _parser().parse(snippet)
+            except UnexpectedToken as error:
+                state = error.state.position
+                by_state_token.setdefault((state, error.token.type), label)
+                by_state.setdefault(state, label)
+            except UnexpectedInput:
+                continue
+    return {"token": by_state_token, "state": by_state}
+
+
+def _catalogue_match(error: UnexpectedInput, text: str) -> tuple[str, str, str] | None:
+    if not isinstance(error, UnexpectedToken) or error.state is None:
+        return None
+    table = _catalogue()
+    state = error.state.position
+    return table["token"].get((state, error.token.type)) or table["state"].get(state)
+
+
+_CHAR_HINTS = {
+    "'": "strings use double quotes: \"...\"",
+    ":": "use `=` to set a value",
+    ";": "no separator is needed between items",
+    "{": None,
+}
+
+
+def _describe(token: Token) -> str:
+    if token.type == "$END":
+        return "end of file"
+    return f"`{token.value}`"
+
+
+def _syntax_diagnostic(error: UnexpectedInput, text: str, path: str) -> Diagnostic:
+    line = getattr(error, "line", None) or 1
+    column = getattr(error, "column", None) or 1
+    if isinstance(error, UnexpectedEOF) or (isinstance(error, UnexpectedToken) and error.token.type == "$END"):
+        lines = text.splitlines() or [""]
+        line, column = len(lines), len(lines[-1]) + 1
+    span = Span(path, line, column, line, column + 1)
+    if isinstance(error, UnexpectedCharacters):
+        char = text[error.pos_in_stream] if error.pos_in_stream < len(text) else "?"
+        if char == '"':
+            return Diagnostic("E012", "unterminated string", span, "close the string with `\"` on the same line, or use \"\"\"...\"\"\" for text over several lines")
+        hint = _CHAR_HINTS.get(char)
+        return Diagnostic("E001", f"unexpected character `{char}`", span, hint)
+    matched = _catalogue_match(error, text)
+    if matched:
+        code, message, hint = matched
+        if isinstance(error, UnexpectedToken) and error.token.type not in ("$END", "RBRACE"):
+            message = f"{message} (found {_describe(error.token)})"
+        return Diagnostic(code, message, span, hint)
+    if isinstance(error, UnexpectedToken):
+        expected = sorted(error.accepts or error.expected)
+        return Diagnostic("E002", f"unexpected {_describe(error.token)}", span,
+                          "expected " + ", ".join(_TOKEN_NAMES.get(e, e) for e in expected[:6]))
+    return Diagnostic("E002", "syntax error", span)
+
+
+_TOKEN_NAMES = {
+    "IDENT": "a name", "STRING": "a string", "NUMBER": "a number", "DIMS": "a grid like `2x2`",
+    "EQUAL": "`=`", "LBRACE": "`{`", "RBRACE": "`}`", "LSQB": "`[`", "RSQB": "`]`", "LPAR": "`(`",
+    "RPAR": "`)`", "COMMA": "`,`", "DOT": "`.`", "CMP": "a comparison", "LONG_STRING": "a string",
+    "$END": "end of file",
+}
+
+
+# ---- tree conversion ----------------------------------------------------------------------------
+
+
+class _Builder:
+    def __init__(self, path: str):
+        self.path = path
+        self.errors: list[Diagnostic] = []
+
+    def span(self, node: Tree | Token) -> Span:
+        if isinstance(node, Token):
+            return Span(self.path, node.line, node.column, node.end_line, node.end_column)
+        meta = node.meta
+        if getattr(meta, "empty", True):
+            return ast.NO_SPAN
+        return Span(self.path, meta.line, meta.column, meta.end_line, meta.end_column)
+
+    def items(self, children) -> tuple[ast.Item, ...]:
+        return tuple(self.item(child) for child in children if isinstance(child, Tree))
+
+    def item(self, tree: Tree) -> ast.Item:
+        kind = tree.data
+        if kind == "attribute":
+            key, value = tree.children
+            return ast.Attribute(str(key), self.value(value), self.span(tree), self.span(key))
+        if kind == "block":
+            kind_token = tree.children[0]
+            labels = [c for c in tree.children[1:] if isinstance(c, Tree) and c.data == "label"]
+            body = [c for c in tree.children[1:] if isinstance(c, Tree) and c.data != "label"]
+            label_tokens = [lab.children[0] for lab in labels]
+            end = self.span(tree)
+            return ast.Block(
+                kind=str(kind_token),
+                labels=tuple(self.label_text(t) for t in label_tokens),
+                items=self.items(body),
+                quoted=tuple(t.type == "STRING" for t in label_tokens),
+                span=self.span(tree),
+                kind_span=self.span(kind_token),
+                label_spans=tuple(self.span(t) for t in label_tokens),
+                end_span=Span(self.path, end.end_line, max(1, end.end_column - 1), end.end_line, end.end_column),
+            )
+        if kind == "rule":
+            verb, field_token, condition, *rest = tree.children
+            op_node, value = condition.children
+            op = str(op_node.children[0]) if isinstance(op_node, Tree) else str(op_node)
+            body = self.items(rest[0].children) if rest else None
+            return ast.Rule(str(verb.children[0]), str(field_token), op, self.value(value), body,
+                            self.span(tree), self.span(field_token))
+        if kind == "removal":
+            (path_tree,) = tree.children
+            return ast.Removal(tuple(str(t) for t in path_tree.children), self.span(tree))
+        raise AssertionError(f"unknown syntax node {kind}")
+
+    def label_text(self, token: Token) -> str:
+        return self.string(token) if token.type == "STRING" else str(token)
+
+    def string(self, token: Token) -> str:
+        try:
+            return json.loads(str(token))
+        except json.JSONDecodeError:
+            self.errors.append(Diagnostic("E013", "invalid escape in string", self.span(token),
+                                          "use \\\" \\\\ \\n \\t or \\uXXXX"))
+            return str(token)[1:-1]
+
+    def value(self, node: Tree | Token) -> ast.Value:
+        span = self.span(node)
+        kind = node.data
+        if kind == "string":
+            return ast.String(self.string(node.children[0]), False, span)
+        if kind == "long_string":
+            return ast.String(str(node.children[0])[3:-3], True, span)
+        if kind == "number":
+            return ast.Number(str(node.children[0]), span)
+        if kind == "dims":
+            first, second = str(node.children[0]).split("x")
+            return ast.Dims(int(first), int(second), span)
+        if kind == "name":
+            return ast.Name(str(node.children[0]), span)
+        if kind == "list":
+            return ast.ListValue(tuple(self.value(c) for c in node.children if c is not None), span)
+        if kind == "call":
+            name, *args = node.children
+            return ast.Call(str(name), tuple(self.value(a) for a in args if a is not None), span)
+        raise AssertionError(f"unknown value node {kind}")
+
+
+def parse(text: str, path: str = "<recipe>") -> ast.Document:
+    """Parse recipe text; raise RecipeErrors (never a lark exception) when it is not well formed."""
+    comments = _comments(text)
+    parser = _parser()
+    try:
+        tree = parser.parse(text)
+    except UnexpectedInput as error:
+        raise RecipeErrors([_syntax_diagnostic(error, text, path)]) from None
+    builder = _Builder(path)
+    items = builder.items(tree.children)
+    if builder.errors:
+        raise RecipeErrors(builder.errors)
+    return ast.Document(path, items, tuple(comments), text)
+
+
+def _comments(text: str) -> list[ast.Comment]:
+    """Comments with their positions, lexed once with the same lexer the parser uses."""
+    found: list[ast.Comment] = []
+    try:
+        for token in _parser().lex(text, dont_ignore=True):
+            if token.type == "COMMENT":
+                found.append(ast.Comment(str(token).rstrip(), token.line, token.column, token.end_line))
+    except UnexpectedInput:
+        pass  # the parse itself reports the error
+    return found
