@@ -1,0 +1,48 @@
+"""Recipe text -> IR. `compile_file` is the one entry point: derivation, lowering and checks."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recipec import ir
+from recipec.compiler.derive import load
+from recipec.compiler.lower import Lowering
+from recipec.compiler.reader import Context
+from recipec.diagnostics import Diagnostic, RecipeErrors, Sources
+
+
+@dataclass
+class Compiled:
+    path: str
+    recipe: ir.Recipe | None
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+    sources: Sources = field(default_factory=Sources)
+    chain: list[str] = field(default_factory=list)  # the recipe files read, derived first
+
+    @property
+    def ok(self) -> bool:
+        return self.recipe is not None and not any(d.is_error for d in self.diagnostics)
+
+
+def compile_file(path: str | Path, *, text: str | None = None) -> Compiled:
+    """Compile one recipe; problems come back as diagnostics, never as exceptions."""
+    path = str(path)
+    sources = Sources()
+    try:
+        document, sources, chain = load(path, sources, text=text)
+    except RecipeErrors as errors:
+        return Compiled(path, None, errors.diagnostics, sources)
+    ctx = Context()
+    root = os.path.dirname(path) or "."
+    recipe = Lowering(document, ctx, Path(root)).lower()
+    diagnostics = sorted(ctx.diagnostics, key=lambda d: (d.span is None, d.span or "", d.code))
+    return Compiled(path, recipe, diagnostics, sources, chain)
+
+
+def compile_or_raise(path: str | Path) -> ir.Recipe:
+    result = compile_file(path)
+    if not result.ok:
+        raise RecipeErrors([d for d in result.diagnostics if d.is_error])
+    return result.recipe

@@ -1,0 +1,138 @@
+"""Loading a recipe file and everything it derives from, merged into one syntax tree.
+
+A derived recipe names its base in its header (`recipe "x" { extends = "base.recipe" }`) and then
+overrides, adds or removes parts: a block with the same kind and name merges into the inherited one
+(key by key, recursively), an attribute replaces the inherited value, a rule replaces the inherited
+rule on the same field, and `remove kind.name` drops an inherited part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from recipec.diagnostics import Diagnostic, RecipeErrors, Sources, did_you_mean
+from recipec.syntax import ast
+from recipec.syntax.parser import parse
+
+MAX_DEPTH = 16
+
+
+def identity(item: ast.Item) -> tuple:
+    if isinstance(item, ast.Attribute):
+        return ("attribute", item.key)
+    if isinstance(item, ast.Block):
+        return ("block", item.kind, item.name)
+    if isinstance(item, ast.Rule):
+        return ("rule", item.verb, item.field)
+    return ("removal", item.path)
+
+
+def _matches(item: ast.Item, path: tuple[str, ...]) -> bool:
+    if len(path) == 1:
+        (head,) = path
+        if isinstance(item, ast.Attribute):
+            return item.key == head
+        if isinstance(item, ast.Block):
+            return item.kind == head and not item.labels
+        if isinstance(item, ast.Rule):
+            return item.field == head
+        return False
+    if len(path) == 2:
+        kind, label = path
+        if isinstance(item, ast.Block):
+            return item.kind == kind and item.name == label
+        if isinstance(item, ast.Rule):
+            return item.verb == kind and item.field == label
+    return False
+
+
+def merge_items(base: tuple[ast.Item, ...], derived: tuple[ast.Item, ...],
+                problems: list[Diagnostic]) -> tuple[ast.Item, ...]:
+    merged: list[ast.Item] = list(base)
+    for item in derived:
+        if isinstance(item, ast.Removal):
+            hits = [i for i, existing in enumerate(merged) if _matches(existing, item.path)]
+            if not hits:
+                inherited = sorted({".".join(str(p) for p in identity(m)[1:] if p) for m in merged})
+                problems.append(Diagnostic("E403", f"nothing named `{'.'.join(item.path)}` to remove", item.span,
+                                           did_you_mean(".".join(item.path), inherited)))
+                continue
+            for index in reversed(hits):
+                del merged[index]
+            continue
+        key = identity(item)
+        position = next((i for i, existing in enumerate(merged) if identity(existing) == key), None)
+        if position is None:
+            merged.append(item)
+            continue
+        existing = merged[position]
+        if isinstance(item, ast.Block) and isinstance(existing, ast.Block):
+            merged[position] = replace(item, items=merge_items(existing.items, item.items, problems))
+        else:
+            merged[position] = item
+    return tuple(merged)
+
+
+def _header(document: ast.Document) -> ast.Block | None:
+    return next((i for i in document.items if isinstance(i, ast.Block) and i.kind == "recipe"), None)
+
+
+def _extends(header: ast.Block | None) -> ast.Attribute | None:
+    if header is None:
+        return None
+    return next((i for i in header.items if isinstance(i, ast.Attribute) and i.key == "extends"), None)
+
+
+def read_text(path: Path) -> str:
+    data = path.read_bytes()
+    return data.decode("utf-8")
+
+
+def load(path: str | Path, sources: Sources | None = None, *, text: str | None = None) -> tuple[ast.Document, Sources, list[str]]:
+    """Parse `path` and the recipes it derives from; return the merged tree, the texts read and the chain.
+
+    Raises RecipeErrors for unreadable files, syntax errors, derivation cycles and bad removals.
+    """
+    sources = sources or Sources()
+    chain: list[str] = []
+    documents: list[ast.Document] = []
+    current = Path(path)
+    current_text = text
+    via: ast.Attribute | None = None
+    while True:
+        shown = str(current)
+        if len(chain) >= MAX_DEPTH:
+            raise RecipeErrors([Diagnostic("E401", f"derivation is deeper than {MAX_DEPTH} recipes", via.span if via else None)])
+        resolved = str(current.resolve()) if current_text is None else shown
+        if resolved in chain:
+            cycle = " -> ".join([*(Path(c).name for c in chain), Path(resolved).name])
+            raise RecipeErrors([Diagnostic("E401", f"derivation cycle: {cycle}", via.span if via else None,
+                                           "a recipe cannot extend itself, directly or through others")])
+        try:
+            body = current_text if current_text is not None else read_text(current)
+        except (OSError, UnicodeDecodeError) as error:
+            reason = "is not UTF-8 text" if isinstance(error, UnicodeDecodeError) else (error.strerror or str(error)).lower()
+            raise RecipeErrors([Diagnostic("E402", f"cannot read recipe `{shown}`: {reason}", via.value.span if via else None)]) from None
+        sources.add(shown, body)
+        document = parse(body, shown)
+        chain.append(resolved)
+        documents.append(document)
+        extends = _extends(_header(document))
+        if extends is None:
+            break
+        if not isinstance(extends.value, ast.String):
+            raise RecipeErrors([Diagnostic("E201", "`extends` takes the base recipe's path as a string",
+                                           extends.value.span, 'write `extends = "base.recipe"`')])
+        via = extends
+        current = (Path(shown).parent / extends.value.value)
+        current_text = None
+
+    problems: list[Diagnostic] = []
+    merged = documents[-1].items
+    for document in reversed(documents[:-1]):
+        merged = merge_items(merged, document.items, problems)
+    if problems:
+        raise RecipeErrors(problems)
+    top = documents[0]
+    return ast.Document(top.path, merged, top.comments, top.text), sources, chain
