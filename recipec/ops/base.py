@@ -1,0 +1,65 @@
+"""The contract between the executor and the operations.
+
+An operation is a function `run(ctx, inputs) -> Iterator[Chunk]`: it reads its input tables (records
+in the schema of `recipec.records`) and yields chunks of output records and rejects. The executor
+writes each chunk as a shard, counts records in/out and drops by reason, and keeps the conservation
+law `records_in == records_out + sum(dropped)` for every step. Model-backed operations get an engine
+from `ctx.engine(model_use)`; data operations never touch it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import pyarrow as pa
+
+
+@dataclass
+class Reject:
+    reason: str  # a stable code, e.g. "image_truncated", "json_malformed", "near_duplicate"
+    detail: str  # for people: what exactly was wrong, and where
+    id: str = ""
+    source: str = ""
+    origin: str = ""
+    record: str = ""  # the record (or raw input line) as JSON text
+
+
+@dataclass
+class Chunk:
+    records: pa.Table | None = None  # rows in records.SCHEMA
+    rejects: list[Reject] = field(default_factory=list)
+    consumed: int = 0  # input records (or raw input lines) this chunk accounts for
+    files: dict[str, bytes] = field(default_factory=dict)  # extra artifacts by relative name (export)
+
+
+class Progress(Protocol):
+    def advance(self, n: int) -> None: ...
+    def total(self, n: int | None) -> None: ...
+
+
+class _NoProgress:
+    def advance(self, n: int) -> None:
+        pass
+
+    def total(self, n: int | None) -> None:
+        pass
+
+
+@dataclass
+class StepContext:
+    step_id: str
+    op: str
+    params: dict[str, Any]
+    fingerprint: str
+    recipe_dir: Path  # source paths in the IR are relative to it
+    seed: int = 0
+    workers: int = 1
+    progress: Progress = field(default_factory=_NoProgress)
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("recipec"))
+    engine: Callable[[dict[str, Any]], Any] | None = None  # model_use params -> engine
+
+
+Operation = Callable[[StepContext, list[pa.Table]], Iterator[Chunk]]

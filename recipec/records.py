@@ -1,0 +1,70 @@
+"""The unified record: one Arrow schema every data step reads and writes.
+
+A record is one training sample: its images (relative to its source's image root), its LLaVA-style
+conversation, what it is (category, data type), what was learnt about it (tags, scores) and where it
+came from (origin, and the steps that touched it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import pyarrow as pa
+
+IMAGE = pa.struct([
+    ("path", pa.string()),  # POSIX, relative to the source's image root
+    ("sha256", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+])
+TURN = pa.struct([("from", pa.string()), ("value", pa.string())])
+
+SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("source", pa.string()),
+    ("origin", pa.string()),  # `file:line` or `file:row`, for people tracing a record back
+    ("images", pa.list_(IMAGE)),
+    ("conversations", pa.list_(TURN)),
+    ("category", pa.string()),
+    ("data_type", pa.string()),
+    ("image_tags", pa.list_(pa.string())),
+    ("instruction_tags", pa.list_(pa.string())),
+    ("scores", pa.map_(pa.string(), pa.float64())),
+    ("provenance", pa.list_(pa.string())),
+])
+
+# Rejected records: what was dropped, where, why, and the record itself as JSON.
+REJECT_SCHEMA = pa.schema([
+    ("step", pa.string()),
+    ("id", pa.string()),  # empty when the input never became a record (a broken JSON line)
+    ("source", pa.string()),
+    ("origin", pa.string()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),
+    ("record", pa.string()),
+])
+
+USER, ASSISTANT = "human", "gpt"
+IMAGE_TOKEN = "<image>"
+
+
+def record_id(source: str, images: list[dict[str, Any]], conversations: list[dict[str, str]]) -> str:
+    """Stable id from the source and the content (image hashes and text), not from file positions."""
+    payload = json.dumps({"source": source, "images": [i["sha256"] for i in images],
+                          "conversations": [[t["from"], t["value"]] for t in conversations]},
+                         sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
+
+
+def text_of(conversations: list[dict[str, str]]) -> str:
+    return "\n".join(f"{t['from']}: {t['value']}" for t in conversations)
+
+
+def empty_table() -> pa.Table:
+    return SCHEMA.empty_table()
+
+
+def empty_rejects() -> pa.Table:
+    return REJECT_SCHEMA.empty_table()
