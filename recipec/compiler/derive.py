@@ -22,7 +22,8 @@ def identity(item: ast.Item) -> tuple:
     if isinstance(item, ast.Attribute):
         return ("attribute", item.key)
     if isinstance(item, ast.Block):
-        return ("block", item.kind, item.name)
+        # the header is one block whatever each recipe in the chain calls itself
+        return ("block", item.kind, None if item.kind == "recipe" else item.name)
     if isinstance(item, ast.Rule):
         return ("rule", item.verb, item.field)
     return ("removal", item.path)

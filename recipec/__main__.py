@@ -1,0 +1,5 @@
+import sys
+
+from recipec.cli.main import main
+
+sys.exit(main())

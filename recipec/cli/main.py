@@ -1,0 +1,53 @@
+"""`recipec`: one subcommand per module in this package, each with `register(parser)` and `run(args)`.
+
+Exit codes: 0 success (or no difference), 1 problems found (or a difference), 2 usage or input error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "check": ("recipec.cli.check", "check recipes and report every problem"),
+    "fmt": ("recipec.cli.fmt", "format recipes canonically"),
+    "plan": ("recipec.cli.plan", "show the steps and the per-stage composition"),
+    "diff": ("recipec.cli.diff", "compare two recipes by meaning"),
+    "run": ("recipec.cli.run", "run the plan: what is not cached, resumably"),
+}
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from recipec import __version__
+
+    parser = argparse.ArgumentParser(prog="recipec", description="The data strategy of a vision-language model, as one recipe.")
+    parser.add_argument("--version", action="version", version=f"recipec {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        module.register(sub)
+        sub.set_defaults(handler=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return EXIT_ERROR
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("recipec: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Fast 64-bit perceptual hashes, compatible with ``imagehash.phash`` (hash_size=8, highfreq_factor=4).
+
+imagehash computes: grayscale ("L"), Pillow LANCZOS resize to 32x32 (uint8, with rounding after the
+horizontal and after the vertical pass), 2-D DCT-II, top-left 8x8 block, bit = coefficient > median,
+bits read row-major with the first one as the most significant bit. We reproduce that, faster:
+
+* The resize is done by us as two small matrix products with Pillow's own fixed-point Lanczos
+  coefficients and Pillow's rounding, so on an image we do not shrink first the 32x32 pixels are
+  bit-identical to Pillow's, and so the hash is identical to imagehash's.
+* Large images are first shrunk cheaply: JPEGs are decoded at 1/2, 1/4 or 1/8 scale by libjpeg
+  (``Image.draft``: much less IDCT and no chroma work), other formats are box-reduced
+  (``Image.reduce``). Both give (close to) block means, so instead of resampling those blocks with
+  the Lanczos kernel as if they were pixels, we integrate the full-resolution kernel over each
+  block: the result is then what the full-resolution resize would have given, up to the detail
+  inside the blocks. This keeps ~99.9% of hashes within 2 bits of imagehash (most exactly equal).
+* Only the 8 needed DCT coefficients per axis are computed, as ``D8 @ Y @ D8.T`` on a whole batch.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from functools import lru_cache
+from multiprocessing import get_context
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "HASH_SIZE",
+    "IMG_SIZE",
+    "phash",
+    "phash_batch",
+    "phash_files",
+    "phash_files_checked",
+    "hash_to_hex",
+    "hex_to_hash",
+]
+
+HASH_SIZE = 8
+IMG_SIZE = HASH_SIZE * 4  # imagehash's highfreq_factor=4
+
+# Shrinking before the resize: the shrunk side keeps at least this many pixels per output pixel.
+# Measured on generated charts, text pages and photos (see benchmarks/bench_phash.py): JPEG draft at
+# >= 2 px/output keeps >= 99.7% of hashes within 2 bits; box reduce needs more room because PNGs hold
+# sharp text and lines whose within-block detail matters more.
+_JPEG_MIN_PER_OUT = 2
+_REDUCE_MIN_PER_OUT = 8
+
+# Pillow's resampling precision for 8-bit images (libImaging/Resample.c: PRECISION_BITS = 32 - 8 - 2).
+_PRECISION_BITS = 22
+_ONE = float(1 << _PRECISION_BITS)
+_HALF = float(1 << (_PRECISION_BITS - 1))
+
+
+def _dct_matrix(n_out: int = HASH_SIZE, n_in: int = IMG_SIZE) -> np.ndarray:
+    """Rows 0..n_out-1 of the unnormalized DCT-II of size n_in (scipy.fftpack.dct's convention)."""
+    k = np.arange(n_out)[:, None]
+    n = np.arange(n_in)[None, :]
+    return 2.0 * np.cos(np.pi * k * (2 * n + 1) / (2 * n_in))
+
+
+_D8 = _dct_matrix()
+
+
+def _lanczos(x: np.ndarray) -> np.ndarray:
+    # Pillow's lanczos_filter: sinc(x) * sinc(x/3) on [-3, 3), zero elsewhere.
+    out = np.sinc(x) * np.sinc(x / 3.0)
+    out[(x < -3.0) | (x >= 3.0)] = 0.0
+    return out
+
+
+@lru_cache(maxsize=4096)
+def _resize_weights(full: int, block: int, reduced: int) -> np.ndarray:
+    """(IMG_SIZE, reduced) fixed-point Lanczos weights, as float64 holding integers.
+
+    ``full`` is the side of the original image, ``reduced`` the side we actually have, each of its
+    pixels the mean of ``block`` original pixels. With block == 1 these are exactly Pillow's
+    coefficients (precompute_coeffs + normalize_coeffs_8bpc), so the resize is bit-identical.
+    """
+    out = IMG_SIZE
+    scale = full / out
+    filterscale = max(scale, 1.0)
+    support = 3.0 * filterscale
+    centers = (np.arange(out) + 0.5) * scale
+    xmin = np.maximum((centers - support + 0.5).astype(np.int64), 0)  # C's (int) truncates; >= 0 here
+    xmax = np.minimum((centers + support + 0.5).astype(np.int64), full)
+    x = np.arange(full)[None, :]
+    inside = (x >= xmin[:, None]) & (x < xmax[:, None])
+    w = np.where(inside, _lanczos((x - centers[:, None] + 0.5) / filterscale), 0.0)
+    w /= w.sum(axis=1, keepdims=True)
+    if block > 1:
+        # Integrate the full-resolution kernel over each block (the last one may be partial).
+        pad = reduced * block - full
+        w = np.pad(w, ((0, 0), (0, pad))) if pad >= 0 else w[:, : reduced * block]
+        w = w.reshape(out, reduced, block).sum(axis=2)
+    # normalize_coeffs_8bpc: round half away from zero to fixed point.
+    q = np.where(w < 0, np.ceil(w * _ONE - 0.5), np.floor(w * _ONE + 0.5))
+    q.setflags(write=False)
+    return q
+
+
+def _resize_32(gray: np.ndarray, full_w: int, full_h: int, block_x: int, block_y: int) -> np.ndarray:
+    """Pillow's LANCZOS resize of a (full_w x full_h) L image to 32x32, from its block-reduced pixels.
+
+    float64 holds the fixed-point sums exactly (each term < 2^30, a few thousand terms), so this
+    matches Pillow's integer arithmetic bit for bit. Horizontal pass first, as Pillow does.
+    """
+    h, w = gray.shape
+    x = gray.astype(np.float64, copy=False)
+    wx = _resize_weights(full_w, block_x, w)
+    wy = _resize_weights(full_h, block_y, h)
+    if full_w != IMG_SIZE or block_x != 1:
+        x = np.clip(np.floor((x @ wx.T + _HALF) / _ONE), 0.0, 255.0)
+    if full_h != IMG_SIZE or block_y != 1:
+        x = np.clip(np.floor((wy @ x + _HALF) / _ONE), 0.0, 255.0)
+    return x
+
+
+def _reduce_factor(side: int) -> int:
+    return max(1, side // (IMG_SIZE * _REDUCE_MIN_PER_OUT))
+
+
+def _pixels_from_image(image: Image.Image) -> np.ndarray:
+    """32x32 float pixels of an in-memory image (never mutates the caller's image)."""
+    full_w, full_h = image.size
+    gray = image if image.mode == "L" else image.convert("L")
+    fx, fy = _reduce_factor(full_w), _reduce_factor(full_h)
+    if fx > 1 or fy > 1:
+        gray = gray.reduce((fx, fy))  # box means: cheap, and what _resize_weights integrates over
+    return _resize_32(np.asarray(gray), full_w, full_h, fx, fy)
+
+
+def _pixels_from_file(path: str | os.PathLike[str]) -> np.ndarray:
+    """32x32 float pixels of an image file, using libjpeg's scaled decoding for JPEGs."""
+    with Image.open(path) as im:
+        full_w, full_h = im.size
+        target = IMG_SIZE * _JPEG_MIN_PER_OUT
+        if im.format == "JPEG" and min(full_w // target, full_h // target) >= 2:
+            # Decode at 1/2, 1/4 or 1/8 scale (luma only): libjpeg's scaled IDCT gives ~block means.
+            # Not at full scale: there its luma differs from Pillow's RGB->L by rounding.
+            im.draft("L", (target, target))
+            if im.size != (full_w, full_h):
+                gray = im if im.mode == "L" else im.convert("L")
+                # libjpeg rounds the scaled size up, so the block is full/reduced rounded.
+                bx = round(full_w / im.size[0])
+                by = round(full_h / im.size[1])
+                return _resize_32(np.asarray(gray), full_w, full_h, bx, by)
+        return _pixels_from_image(im)
+
+
+def _hash_pixels(pixels: np.ndarray) -> np.ndarray:
+    """(B, 32, 32) float pixels -> (B,) uint64 hashes, imagehash's bit order."""
+    if pixels.shape[0] == 0:
+        return np.zeros(0, dtype=np.uint64)
+    coeffs = _D8 @ pixels @ _D8.T  # (B, 8, 8): only the low-frequency block imagehash keeps
+    flat = coeffs.reshape(len(pixels), HASH_SIZE * HASH_SIZE)
+    # Coefficients that are zero by symmetry come out as +-1e-13 here; imagehash's FFT gives 0.
+    # Snap them, so flat and symmetric images hash the same as with imagehash.
+    scale = np.abs(flat).max(axis=1, keepdims=True) + 1.0
+    flat = np.where(np.abs(flat) < 1e-9 * scale, 0.0, flat)
+    med = np.median(flat, axis=1, keepdims=True)
+    bits = flat > med
+    # First coefficient = most significant bit: packbits is big-endian within each byte, and the
+    # 8 bytes are read as one big-endian word.
+    return np.packbits(bits, axis=1).view(">u8").ravel().astype(np.uint64)
+
+
+def phash(image: Image.Image) -> int:
+    """64-bit pHash of one image; equals ``int(str(imagehash.phash(image)), 16)`` (almost always)."""
+    return int(phash_batch([image])[0])
+
+
+def phash_batch(images: Sequence[Image.Image]) -> np.ndarray:
+    """pHashes of in-memory images as a uint64 array (one DCT for the whole batch)."""
+    if len(images) == 0:
+        return np.zeros(0, dtype=np.uint64)
+    return _hash_pixels(np.stack([_pixels_from_image(im) for im in images]))
+
+
+def hash_to_hex(h: int | np.integer) -> str:
+    """The 16-hex-digit form imagehash prints."""
+    return f"{int(h):016x}"
+
+
+def hex_to_hash(s: str) -> int:
+    return int(s, 16)
+
+
+def _hash_chunk(paths: Sequence[str]) -> tuple[np.ndarray, list[str | None]]:
+    """Worker: hash a chunk of files; a file that fails gets hash 0 and its error message."""
+    pixels = np.zeros((len(paths), IMG_SIZE, IMG_SIZE))
+    errors: list[str | None] = [None] * len(paths)
+    for i, p in enumerate(paths):
+        try:
+            pixels[i] = _pixels_from_file(p)
+        except Exception as e:  # noqa: BLE001 - corrupt/hostile files are reported, not fatal
+            errors[i] = f"{type(e).__name__}: {e}"
+    hashes = _hash_pixels(pixels)
+    hashes[[e is not None for e in errors]] = 0
+    return hashes, errors
+
+
+def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def phash_files_checked(
+    paths: Sequence[str | os.PathLike[str]], *, workers: int = 1, chunk_size: int = 256
+) -> tuple[np.ndarray, list[str | None]]:
+    """Hashes of image files plus, per file, None or the reason it could not be hashed.
+
+    With workers > 1 the files are hashed in a spawn-based process pool (safe whatever the parent
+    process holds: threads, CUDA, ...), in chunks so that each task amortises its IPC. Results come
+    back in input order.
+    """
+    items = [os.fspath(p) for p in paths]
+    if not items:
+        return np.zeros(0, dtype=np.uint64), []
+    # Small chunks with several workers so that the load evens out; a chunk per few hundred files.
+    chunk = max(1, min(chunk_size, -(-len(items) // (4 * max(workers, 1)))))
+    if workers <= 1 or len(items) <= chunk:
+        return _hash_chunk(items)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        parts = list(pool.map(_hash_chunk, _chunks(items, chunk)))
+    hashes = np.concatenate([h for h, _ in parts])
+    errors = [e for _, errs in parts for e in errs]
+    return hashes, errors
+
+
+def phash_files(paths: Sequence[str | os.PathLike[str]], *, workers: int = 1) -> np.ndarray:
+    """uint64 pHashes of image files; raises ValueError naming the first file that failed."""
+    hashes, errors = phash_files_checked(paths, workers=workers)
+    for p, e in zip(paths, errors):
+        if e is not None:
+            raise ValueError(f"{os.fspath(p)}: cannot hash image: {e}")
+    return hashes
