@@ -3,7 +3,8 @@
 An operation is a function `run(ctx, inputs) -> Iterator[Chunk]`: it reads its input tables (records
 in the schema of `recipec.records`) and yields chunks of output records and rejects. The executor
 writes each chunk as a shard, counts records in/out and drops by reason, and keeps the conservation
-law `records_in == records_out + sum(dropped)` for every step. Model-backed operations get an engine
+law `records_in == records_out + sum(dropped)` for every step, where dropped counts rejects
+and `skipped` by reason. Model-backed operations get an engine
 from `ctx.engine(model_use)`; data operations never touch it.
 """
 
@@ -32,7 +33,14 @@ class Chunk:
     records: pa.Table | None = None  # rows in records.SCHEMA
     rejects: list[Reject] = field(default_factory=list)
     consumed: int = 0  # input records (or raw input lines) this chunk accounts for
+    # records dropped on purpose that are not bad data (e.g. not selected by a mixture): counted by
+    # reason in the report, with no reject rows
+    skipped: dict[str, int] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)  # extra artifacts by relative name (export)
+
+
+class OperationError(Exception):
+    """An operation cannot produce its output; the message says why, for the person running it."""
 
 
 class Progress(Protocol):
