@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
 from lark import Lark, Token, Tree
+from lark.grammar import Rule
+from lark.lexer import TerminalDef
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from recipec.diagnostics import Diagnostic, RecipeErrors, Span
@@ -30,7 +35,66 @@ def build_parser(*, parser: str = "lalr", strict: bool = False) -> Lark:
 
 @lru_cache(maxsize=1)
 def _parser() -> Lark:
-    return build_parser()
+    """The LALR parser, loaded from the tables cached for this grammar when they exist.
+
+    Building the tables takes a quarter of a second, longer than the rest of `recipec check`; the
+    cache is JSON (never pickle), keyed by the grammar's and lark's versions, written atomically,
+    and ignored whenever it cannot be read.
+    """
+    import lark
+
+    text = grammar_text()
+    key = hashlib.sha256(f"{lark.__version__}\n{text}".encode()).hexdigest()[:20]
+    cache = _cache_dir() / f"grammar-{key}.json"
+    try:
+        stored = _decode(json.loads(cache.read_text(encoding="utf-8")))
+        return Lark._load_from_dict(stored["data"], stored["memo"])
+    except Exception:  # missing, stale or damaged: rebuild
+        pass
+    parser = build_parser()
+    try:
+        data, memo = parser.memo_serialize([TerminalDef, Rule])
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cache.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(_encode({"data": data, "memo": memo})), encoding="utf-8")
+        os.replace(temporary, cache)
+    except (OSError, TypeError):
+        pass  # a read-only home is no reason to fail
+    return parser
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("RECIPEC_CACHE_DIR"):
+        return Path(os.environ["RECIPEC_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "recipec"
+
+
+def _encode(value):
+    """JSON for lark's serialized tables: they hold tuples and dicts with integer keys."""
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {k: _encode(v) for k, v in value.items()}
+        return {"__pairs__": [[_encode(k), _encode(v)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"cannot cache {type(value).__name__}")
+
+
+def _decode(value):
+    if isinstance(value, dict):
+        if "__pairs__" in value:
+            return {_decode(k): _decode(v) for k, v in value["__pairs__"]}
+        if "__tuple__" in value:
+            return tuple(_decode(v) for v in value["__tuple__"])
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
 
 
 # ---- syntax errors ------------------------------------------------------------------------------

@@ -1,0 +1,109 @@
+"""`recipec plan FILE [--json]`: the step graph and, per stage, what the model will see."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from recipec.cli.common import compile_reporting
+from recipec.plan import MODEL_OPS, build_plan, plan_json
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--store", metavar="DIR", help="mark the steps a run would find cached in this store")
+
+
+def _cached(plan, store: str | None) -> set[str] | None:
+    if not store:
+        return None
+    from recipec.runtime.store import cached_steps
+
+    return cached_steps(plan, store)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = compile_reporting(args.file)
+    if not result.ok:
+        return 1
+    plan = build_plan(result.recipe)
+    cached = _cached(plan, args.store)
+    data = plan_json(plan, cached)
+    if args.json:
+        json.dump(data, sys.stdout, indent=2, sort_keys=False, ensure_ascii=False)
+        sys.stdout.write("\n")
+        return 0
+    _print_rich(data)
+    return 0
+
+
+def _n(value) -> str:
+    return "?" if value is None else f"{value:,}"
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for suffix, scale in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return str(n)
+
+
+def _print_rich(data: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.tree import Tree
+
+    console = Console()
+    base = f" (derived from {data['base']})" if data.get("base") else ""
+    console.print(f"[bold]recipe[/] {data['recipe']}{base}  seed {data['seed']}  fingerprint {data['fingerprint'][:12]}")
+
+    models = Table(title="models", title_justify="left")
+    for column in ("model", "vision", "language", "projector", "tokens/tile", "vision", "projector", "language", "total"):
+        models.add_column(column, justify="right" if column in ("tokens/tile", "total") else "left")
+    for name, m in data["models"].items():
+        p = m["params"]
+        models.add_row(name, m["vision"], m["language"], m["projector"], str(m["tokens_per_tile"]),
+                       _human(p["vision"]), _human(p["projector"]), _human(p["language"]), f"{p['total']:,}")
+    console.print(models)
+
+    tree = Tree("[bold]steps[/]")
+    for step in data["steps"]:
+        marks = []
+        if step.get("cached") is True:
+            marks.append("[green]cached[/]")
+        elif step.get("cached") is False:
+            marks.append("[yellow]will run[/]")
+        if step["op"] in MODEL_OPS:
+            marks.append("[magenta]model[/]")
+        inputs = f" ← {', '.join(step['inputs'])}" if step["inputs"] else ""
+        tree.add(f"{step['id']} [dim]{step['op']} {step['fingerprint'][:10]}[/] {' '.join(marks)}[dim]{inputs}[/]")
+    console.print(tree)
+
+    stages = Table(title="stages", title_justify="left")
+    for column in ("stage", "samples", "grid", "max image tokens", "train", "trainable", "total", "lr", "batch", "epochs"):
+        stages.add_column(column, justify="left" if column in ("stage", "train", "grid") else "right")
+    for s in data["stages"]:
+        tiles = s["max_image_tokens"] // s["tokens_per_tile"]
+        tokens = f"{tiles}×{s['tokens_per_tile']} = {s['max_image_tokens']:,}" if tiles > 1 else f"{s['max_image_tokens']:,}"
+        stages.add_row(s["name"], _human(s["samples"]), s["grid"], tokens, "+".join(s["train"]),
+                       _human(s["trainable_params"]), _human(s["total_params"]), f"{s['lr']:g}",
+                       str(s["batch_size"]), f"{s['epochs']:g}")
+    console.print(stages)
+
+    for s in data["stages"]:
+        table = Table(title=f"stage {s['name']}: composition", title_justify="left")
+        table.add_column("by")
+        table.add_column("name")
+        table.add_column("samples", justify="right")
+        table.add_column("share", justify="right")
+        total = s["samples"] or 0
+        for by, values in (("source", s["mixture"]), ("data type", s["by_data_type"]), ("category", s["by_category"])):
+            for name, count in values.items():
+                share = f"{100 * count / total:.1f}%" if (total and count is not None) else "?"
+                table.add_row(by, name, _n(count), share)
+                by = ""
+        console.print(table)
