@@ -138,7 +138,7 @@ def allocate(stage_mix: tuple[ir.MixEntry, ...], available: dict[str, dict[str, 
             if wanted[name] > have:
                 result.problems.append((name, f"weight of `{name}` asks for {wanted[name]:,} samples, it has {have:,}", None))
             by_entry[name] = split_evenly(min(wanted[name], have), pool)
-    if samples is not None and not weights and not balance:
+    if samples is not None and not weights and not balance and share_sum <= 1.0 + 1e-9:
         realised = sum(sum(v.values()) for v in by_entry.values())
         if realised > samples:
             result.problems.append(("", f"the mixture takes {realised:,} samples but the stage has `samples = {_short(samples)}`",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from recipec import ir
 from recipec.compiler.derive import load
@@ -26,17 +27,21 @@ class Compiled:
         return self.recipe is not None and not any(d.is_error for d in self.diagnostics)
 
 
-def compile_file(path: str | Path, *, text: str | None = None) -> Compiled:
-    """Compile one recipe; problems come back as diagnostics, never as exceptions."""
+def compile_file(path: str | Path, *, text: str | None = None, read: Callable[[Path], str] | None = None) -> Compiled:
+    """Compile one recipe; problems come back as diagnostics, never as exceptions.
+
+    `read(path)` replaces reading from disk for the recipe, the recipes it extends and the files it
+    includes, so a recipe can be compiled as it was in a git revision.
+    """
     path = str(path)
     sources = Sources()
     try:
-        document, sources, chain = load(path, sources, text=text)
+        document, sources, chain = load(path, sources, text=text, read=read)
     except RecipeErrors as errors:
         return Compiled(path, None, errors.diagnostics, sources)
     ctx = Context()
     root = os.path.dirname(path) or "."
-    recipe = Lowering(document, ctx, Path(root)).lower()
+    recipe = Lowering(document, ctx, Path(root), read=read).lower()
     diagnostics = sorted(ctx.diagnostics, key=lambda d: (d.span is None, d.span or "", d.code))
     return Compiled(path, recipe, diagnostics, sources, chain)
 

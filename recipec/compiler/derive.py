@@ -8,8 +8,10 @@ rule on the same field, and `remove kind.name` drops an inherited part.
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 from recipec.diagnostics import Diagnostic, RecipeErrors, Sources, did_you_mean
 from recipec.syntax import ast
@@ -90,11 +92,15 @@ def read_text(path: Path) -> str:
     return data.decode("utf-8")
 
 
-def load(path: str | Path, sources: Sources | None = None, *, text: str | None = None) -> tuple[ast.Document, Sources, list[str]]:
+def load(path: str | Path, sources: Sources | None = None, *, text: str | None = None,
+         read: Callable[[Path], str] | None = None) -> tuple[ast.Document, Sources, list[str]]:
     """Parse `path` and the recipes it derives from; return the merged tree, the texts read and the chain.
 
+    `read` replaces reading from disk (`recipec diff` reads a git revision's files through it); it
+    raises OSError or UnicodeDecodeError like a file read would.
     Raises RecipeErrors for unreadable files, syntax errors, derivation cycles and bad removals.
     """
+    read = read or read_text
     sources = sources or Sources()
     chain: list[str] = []
     documents: list[ast.Document] = []
@@ -108,10 +114,10 @@ def load(path: str | Path, sources: Sources | None = None, *, text: str | None =
         resolved = str(current.resolve()) if current_text is None else shown
         if resolved in chain:
             cycle = " -> ".join([*(Path(c).name for c in chain), Path(resolved).name])
-            raise RecipeErrors([Diagnostic("E401", f"derivation cycle: {cycle}", via.span if via else None,
+            raise RecipeErrors([Diagnostic("E401", f"derivation cycle: {cycle}", via.value.span if via else None,
                                            "a recipe cannot extend itself, directly or through others")])
         try:
-            body = current_text if current_text is not None else read_text(current)
+            body = current_text if current_text is not None else read(current)
         except (OSError, UnicodeDecodeError) as error:
             reason = "is not UTF-8 text" if isinstance(error, UnicodeDecodeError) else (error.strerror or str(error)).lower()
             raise RecipeErrors([Diagnostic("E402", f"cannot read recipe `{shown}`: {reason}", via.value.span if via else None)]) from None
@@ -126,7 +132,7 @@ def load(path: str | Path, sources: Sources | None = None, *, text: str | None =
             raise RecipeErrors([Diagnostic("E201", "`extends` takes the base recipe's path as a string",
                                            extends.value.span, 'write `extends = "base.recipe"`')])
         via = extends
-        current = (Path(shown).parent / extends.value.value)
+        current = Path(os.path.normpath(Path(shown).parent / extends.value.value))
         current_text = None
 
     problems: list[Diagnostic] = []

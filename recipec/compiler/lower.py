@@ -9,7 +9,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -46,10 +46,11 @@ def _enum(options: tuple[str, ...] | set[str], what: str):
 
 
 class Lowering:
-    def __init__(self, document: ast.Document, ctx: Context, root: Path):
+    def __init__(self, document: ast.Document, ctx: Context, root: Path, read: Callable[[Path], str] | None = None):
         self.document = document
         self.ctx = ctx
         self.root = root  # the directory of the recipe being compiled: IR paths are relative to it
+        self.read = read or (lambda target: target.read_text(encoding="utf-8"))  # included files (prompts, taxonomies)
         self.blocks: dict[str, dict[str, ast.Block]] = {k: {} for k in BLOCK_KINDS}
         self.model_refs: dict[str, ir.ModelUse] = {}
         self.architectures: dict[str, ir.Architecture] = {}
@@ -69,7 +70,7 @@ class Lowering:
         relative = self.path_of(text, span)
         target = Path(relative) if Path(relative).is_absolute() else self.root / relative
         try:
-            return relative, target.read_text(encoding="utf-8")
+            return relative, self.read(target)
         except (OSError, UnicodeDecodeError) as error:
             reason = "is not UTF-8 text" if isinstance(error, UnicodeDecodeError) else (error.strerror or str(error)).lower()
             self.ctx.error("E402", f"cannot read `{text}`: {reason}", span, "paths are relative to the recipe that names them")
@@ -515,9 +516,10 @@ class Lowering:
                         self.ctx.error("E203", f"dedup can compare `image` and `text`, not `{n}`", r.value_span("by"))
             return ir.DedupExact(by=by)
         if method == "phash":
-            r = Reader(self.ctx, block, keys={"max_distance", "keep"}, what=f"`dedup phash` of filter `{owner}`")
+            # `prefer` picks the copy kept from each group of near-duplicates (IR: `keep`)
+            r = Reader(self.ctx, block, keys={"max_distance", "prefer"}, what=f"`dedup phash` of filter `{owner}`")
             distance = r.get("max_distance", lambda x: v.integer(x, minimum=0, maximum=32), 4)
-            keep = r.get("keep", _enum(("first", "largest"), "keep rule"), "first")
+            keep = r.get("prefer", _enum(("first", "largest"), "preference"), "first")
             if distance is None or keep is None:
                 return None
             return ir.DedupPhash(max_distance=distance, keep=keep)
@@ -675,10 +677,25 @@ class Lowering:
     def mix(self, stage: str, block: ast.Block, datasets, pools, parts_taken, parts_n) -> tuple[ir.MixEntry, ...] | None:
         names = {**datasets, **pools}
         known_names = {**self.blocks["source"], **self.blocks["synthesize"], **self.blocks["pool"]}
-        r = Reader(self.ctx, block, keys=set(known_names), what=f"the mix of stage `{stage}`")
         entries: list[ir.MixEntry] = []
         ok = True
-        for key, attribute in r.attributes.items():
+        seen: dict[str, ast.Attribute] = {}
+        for item in block.items:
+            if not isinstance(item, ast.Attribute):
+                Reader(self.ctx, None, keys=set(), items=(item,), what=f"the mix of stage `{stage}`", span=block.kind_span)
+                ok = False
+                continue
+            key, attribute = item.key, item
+            if key not in known_names:
+                self.ctx.error("E105", f"unknown source or pool `{key}`", item.key_span, did_you_mean(key, known_names))
+                ok = False
+                continue
+            if key in seen:
+                self.ctx.error("E104", f"`{key}` appears twice in the mix of stage `{stage}`", item.key_span,
+                               f"first at line {seen[key].span.line}")
+                ok = False
+                continue
+            seen[key] = item
             if key not in names:
                 ok = False  # the block declaring it reported the problem
                 continue

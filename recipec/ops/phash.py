@@ -45,8 +45,8 @@ IMG_SIZE = HASH_SIZE * 4  # imagehash's highfreq_factor=4
 # Measured on generated charts, text pages and photos (see benchmarks/bench_phash.py): JPEG draft at
 # >= 2 px/output keeps >= 99.7% of hashes within 2 bits; box reduce needs more room because PNGs hold
 # sharp text and lines whose within-block detail matters more.
-_JPEG_MIN_PER_OUT = 2
-_REDUCE_MIN_PER_OUT = 8
+_JPEG_MIN_PER_OUT = 4
+_REDUCE_MIN_PER_OUT = 16
 
 # Pillow's resampling precision for 8-bit images (libImaging/Resample.c: PRECISION_BITS = 32 - 8 - 2).
 _PRECISION_BITS = 22
@@ -111,9 +111,16 @@ def _resize_32(gray: np.ndarray, full_w: int, full_h: int, block_x: int, block_y
     x = gray.astype(np.float64, copy=False)
     wx = _resize_weights(full_w, block_x, w)
     wy = _resize_weights(full_h, block_y, h)
-    if full_w != IMG_SIZE or block_x != 1:
+    do_x = full_w != IMG_SIZE or block_x != 1
+    do_y = full_h != IMG_SIZE or block_y != 1
+    # Pillow >= 12 runs the vertical pass first on tall images (found by testing against it: its
+    # choice is "vertical first iff h > 2 * max(w, 32) - 32"); the order matters for the rounding.
+    if do_y and full_h > 2 * max(full_w, IMG_SIZE) - IMG_SIZE:
+        x = np.clip(np.floor((wy @ x + _HALF) / _ONE), 0.0, 255.0)
+        do_y = False
+    if do_x:
         x = np.clip(np.floor((x @ wx.T + _HALF) / _ONE), 0.0, 255.0)
-    if full_h != IMG_SIZE or block_y != 1:
+    if do_y:
         x = np.clip(np.floor((wy @ x + _HALF) / _ONE), 0.0, 255.0)
     return x
 

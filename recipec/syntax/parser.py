@@ -217,6 +217,8 @@ def _syntax_diagnostic(error: UnexpectedInput, text: str, path: str) -> Diagnost
         hint = _CHAR_HINTS.get(char)
         return Diagnostic("E001", f"unexpected character `{char}`", span, hint)
     matched = _catalogue_match(error, text)
+    if matched and matched[0] == "E004" and (opening := _unclosed_brace(text, path)):
+        return Diagnostic("E004", "this block is never closed", opening, "add `}` where the block ends")
     if matched:
         code, message, hint = matched
         if isinstance(error, UnexpectedToken) and error.token.type not in ("$END", "RBRACE"):
@@ -227,6 +229,23 @@ def _syntax_diagnostic(error: UnexpectedInput, text: str, path: str) -> Diagnost
         return Diagnostic("E002", f"unexpected {_describe(error.token)}", span,
                           "expected " + ", ".join(_TOKEN_NAMES.get(e, e) for e in expected[:6]))
     return Diagnostic("E002", "syntax error", span)
+
+
+def _unclosed_brace(text: str, path: str) -> Span | None:
+    """The `{` left open at the end of the file (the innermost one), found by lexing."""
+    stack = []
+    try:
+        for token in _parser().lex(text):
+            if token.type == "LBRACE":
+                stack.append(token)
+            elif token.type == "RBRACE" and stack:
+                stack.pop()
+    except UnexpectedInput:
+        return None
+    if not stack:
+        return None
+    token = stack[-1]
+    return Span(path, token.line, token.column, token.line, token.column + 1)
 
 
 _TOKEN_NAMES = {

@@ -1,0 +1,409 @@
+"""The content-addressed store: each step's result kept under a key of everything that shapes it.
+
+Layout::
+
+    STORE/
+      lock                               held by the running `recipec run` (lock.py)
+      steps/<key[:2]>/<key>/             one finished step; never modified once there
+        manifest.json                    what the step is and what it holds (written last)
+        shard-00000.parquet ...          output records, one shard per chunk the op yielded
+        rejects-00000.parquet ...        dropped records with their reasons (records.REJECT_SCHEMA)
+        files/<name>                     artifacts a chunk carried (an export's files)
+      tmp/<key>/                         the step being computed, renamed into steps/ when complete
+      cache/file-sha256.json             sha256 of data files by (path, size, mtime_ns)
+      outputs/<digest of OUT path>.json  what the last run wrote to that --out folder (report.py)
+
+Keys. `key = sha256(store format, step fingerprint, input keys, data digest)`. The plan's
+fingerprint covers the op, its version and params and, through the input fingerprints, the whole
+upstream recipe; chaining the *input keys* adds what the plan cannot see: the data. An ingest step's
+data digest covers the content of its source's data files (sha256 of each, remembered by
+(path, size, mtime_ns) so an unchanged file is not read again) and the listing of its image root
+(relative path, size, mtime_ns of every file: hashing every image on every run would be too slow;
+the ingest op records each image's own sha256). Paths enter keys relative to the recipe's folder,
+so moving a project does not invalidate its store. Step ids do not enter keys: a step is computed
+once, whichever recipe asks for it.
+
+Atomicity. A step is written into `tmp/<key>/`, every file fsync'd, `manifest.json` last, then the
+folder is renamed into `steps/` (one atomic rename) and the parent fsync'd. So a folder under
+`steps/` is complete or absent; a killed run leaves only `tmp/` debris, cleared by the next run
+while it holds the lock. A step is done iff its manifest is there and every file it lists exists
+with its recorded size (`verify=True` checks the sha256 too). An unfinished step is computed again
+from its beginning; a finished one never is.
+
+Parquet is written with fixed options, so the same table gives the same bytes (pyarrow stamps its
+version into `created_by`, which is stable for one installation). pyarrow is imported only by the
+functions that read or write shards: a run that finds everything cached never loads it.
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import hashlib
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+
+from recipec.diagnostics import RecipecError
+from recipec.runtime.lock import StoreLock
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+STORE_FORMAT = 1
+MANIFEST = "manifest.json"
+PARQUET_OPTIONS: dict[str, Any] = {
+    "compression": "zstd",
+    "compression_level": 3,
+    "use_dictionary": True,
+    "write_statistics": True,
+    "version": "2.6",
+    "data_page_version": "1.0",
+    "row_group_size": 65_536,
+}
+_HASH_BLOCK = 1 << 20
+
+
+class StoreError(RecipecError):
+    """The store cannot do what was asked (a damaged step, a bad artifact name)."""
+
+
+# ---- keys ---------------------------------------------------------------------------------------
+
+
+def canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def step_key(fingerprint: str, input_keys: Sequence[str], data: str | None = None) -> str:
+    payload = {"format": STORE_FORMAT, "fingerprint": fingerprint, "inputs": list(input_keys), "data": data}
+    return hashlib.sha256(canonical(payload).encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class FileDigests:
+    """sha256 of files, remembered by (path, size, mtime_ns) across runs.
+
+    As git does with its index, an entry is trusted only if the file's mtime is older than the
+    moment it was hashed by more than the clock's coarseness: a file rewritten (same size) within
+    the same mtime tick as its hashing would otherwise keep a stale digest.
+    """
+
+    RACY_NS = 2_000_000_000
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._entries: dict[str, list] = {}
+        self._dirty = False
+        self.hashed = 0  # files read this run (the no-op re-run reads none)
+        try:
+            self._entries = json.loads(path.read_text("utf-8"))
+        except (OSError, ValueError):
+            self._entries = {}
+
+    def sha256(self, path: str) -> str:
+        st = os.stat(path)
+        entry = self._entries.get(path)
+        if entry and entry[0] == st.st_size and entry[1] == st.st_mtime_ns and st.st_mtime_ns < entry[3] - self.RACY_NS:
+            return entry[2]
+        hashed_at = time.time_ns()
+        digest = file_sha256(path)
+        self._entries[path] = [st.st_size, st.st_mtime_ns, digest, hashed_at]
+        self._dirty = True
+        self.hashed += 1
+        return digest
+
+    def save(self) -> None:
+        if self._dirty:
+            atomic_write(self.path, canonical(self._entries).encode("utf-8"))
+            self._dirty = False
+
+
+class DataDigests:
+    """Digests of what an ingest step reads, for its key; one instance per run."""
+
+    def __init__(self, files: FileDigests):
+        self.files = files
+        self._listings: dict[str, str] = {}  # several sources often share one image root
+
+    def source(self, source: Mapping[str, Any], recipe_dir: Path) -> str:
+        recipe_dir = Path(recipe_dir).absolute()
+        listing_dirs = source.get("format") == "image_folder"  # a folder of images is data, listed
+        parts: list[Any] = []
+        for pattern in source.get("paths", ()):
+            found = sorted(glob.glob(str(recipe_dir / pattern), recursive=True))
+            entries = []
+            for match in found:
+                rel = _relative(match, recipe_dir)
+                if os.path.isdir(match):
+                    entries.append([rel, "listing", self.listing(match)] if listing_dirs
+                                   else [rel, "tree", self._tree(match)])
+                elif os.path.isfile(match):
+                    entries.append([rel, self.files.sha256(match)])
+            parts.append(["paths", pattern, entries])
+        images = source.get("images")
+        if images:
+            root = str(recipe_dir / images)
+            parts.append(["images", images, self.listing(root) if os.path.isdir(root) else "missing"])
+        return hashlib.sha256(canonical(parts).encode("utf-8")).hexdigest()
+
+    def listing(self, root: str) -> str:
+        """sha256 of (relative path, size, mtime_ns) of every file under `root`."""
+        root = os.path.abspath(root)
+        if root not in self._listings:
+            digest = hashlib.sha256()
+            for rel, st in _walk(root):
+                digest.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+            self._listings[root] = digest.hexdigest()
+        return self._listings[root]
+
+    def _tree(self, root: str) -> str:
+        digest = hashlib.sha256()
+        for rel, _ in _walk(root):
+            digest.update(f"{rel}\t{self.files.sha256(os.path.join(root, rel))}\n".encode("utf-8", "surrogateescape"))
+        return digest.hexdigest()
+
+
+def _walk(root: str) -> Iterator[tuple[str, os.stat_result]]:
+    """Every file under `root` as (POSIX path relative to it, stat), in a fixed order."""
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            entries = sorted(os.scandir(os.path.join(root, rel_dir)), key=lambda e: e.name)
+        except FileNotFoundError:
+            continue
+        subdirs = []
+        for entry in entries:
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            if entry.is_dir():
+                subdirs.append(rel)
+            elif entry.is_file():
+                yield rel, entry.stat()
+        stack.extend(reversed(subdirs))
+
+
+def _relative(path: str, base: Path) -> str:
+    return PurePosixPath(Path(os.path.relpath(path, base))).as_posix()
+
+
+# ---- files --------------------------------------------------------------------------------------
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `path` so that readers see the old content or the new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_parquet(table: "pa.Table", path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, path, **PARQUET_OPTIONS)
+
+
+def safe_artifact_name(name: str) -> str:
+    """A chunk's file name must stay inside the step's `files/` folder."""
+    pure = PurePosixPath(name)
+    if not name or "\\" in name or "\x00" in name or pure.is_absolute() or any(p in ("", ".", "..") for p in name.split("/")):
+        raise StoreError(f"artifact name {name!r} must be a relative POSIX path without '.' or '..' parts")
+    return pure.as_posix()
+
+
+# ---- the store ----------------------------------------------------------------------------------
+
+
+class Store:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).absolute()
+        self.steps_dir = self.root / "steps"
+        self.tmp_dir = self.root / "tmp"
+        self.cache_dir = self.root / "cache"
+        self.lock = StoreLock(self.root)
+
+    @contextmanager
+    def locked(self) -> Iterator["Store"]:
+        """Hold the store for a run; anything left in tmp/ then belongs to a dead run."""
+        first = not self.lock.held
+        with self.lock:
+            if first and self.tmp_dir.exists():
+                shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            yield self
+
+    def step_dir(self, key: str) -> Path:
+        return self.steps_dir / key[:2] / key
+
+    def path(self, key: str, name: str) -> Path:
+        return self.step_dir(key) / name
+
+    def file_digests(self) -> FileDigests:
+        return FileDigests(self.cache_dir / "file-sha256.json")
+
+    def manifest(self, key: str) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.step_dir(key) / MANIFEST).read_text("utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return None  # unreadable: treated as not done, and recomputed
+
+    def done(self, key: str, *, verify: bool = False) -> dict[str, Any] | None:
+        """The manifest of a finished, intact step; None when it must be computed."""
+        manifest = self.manifest(key)
+        if manifest is None or manifest.get("key") != key:
+            return None
+        folder = self.step_dir(key)
+        for entry in entries(manifest):
+            path = folder / entry["name"]
+            try:
+                if path.stat().st_size != entry["bytes"]:
+                    return None
+            except OSError:
+                return None
+            if verify and file_sha256(path) != entry["sha256"]:
+                return None
+        return manifest
+
+    def discard(self, key: str) -> None:
+        """Remove a damaged step folder (moved aside first, so the removal need not be atomic)."""
+        folder = self.step_dir(key)
+        if not folder.exists():
+            return
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        trash = self.tmp_dir / f"discarded-{key}-{time.time_ns()}"
+        os.rename(folder, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def writer(self, key: str) -> "StepWriter":
+        return StepWriter(self, key)
+
+    def read_records(self, key: str, manifest: Mapping[str, Any] | None = None) -> "pa.Table":
+        manifest = manifest or self._require(key)
+        return self._read_tables(key, manifest["records"], "records")
+
+    def read_rejects(self, key: str, manifest: Mapping[str, Any] | None = None) -> "pa.Table":
+        manifest = manifest or self._require(key)
+        return self._read_tables(key, manifest["rejects"], "rejects")
+
+    def _require(self, key: str) -> dict[str, Any]:
+        manifest = self.manifest(key)
+        if manifest is None:
+            raise StoreError(f"step {key[:12]} is not in the store {self.root}")
+        return manifest
+
+    def _read_tables(self, key: str, shard_entries: list[dict[str, Any]], kind: str) -> "pa.Table":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from recipec import records
+
+        tables = [pq.read_table(self.path(key, e["name"]), memory_map=True) for e in shard_entries]
+        if not tables:
+            return records.empty_rejects() if kind == "rejects" else records.empty_table()
+        if len(tables) == 1:
+            return tables[0]
+        return pa.concat_tables(tables, promote_options="default")
+
+
+def entries(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every file a manifest lists."""
+    return [*manifest.get("records", ()), *manifest.get("rejects", ()), *manifest.get("files", ())]
+
+
+class StepWriter:
+    """Builds one step in tmp/<key>/; `commit` moves it into steps/ whole, or not at all."""
+
+    def __init__(self, store: Store, key: str):
+        self.store = store
+        self.key = key
+        self.dir = store.tmp_dir / key
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
+        self.records: list[dict[str, Any]] = []
+        self.rejects: list[dict[str, Any]] = []
+        self.files: list[dict[str, Any]] = []
+        self._file_names: set[str] = set()
+        self._dirs = {self.dir}
+
+    def add_records(self, table: "pa.Table") -> None:
+        self.records.append(self._parquet(f"shard-{len(self.records):05d}.parquet", table))
+
+    def add_rejects(self, table: "pa.Table") -> None:
+        self.rejects.append(self._parquet(f"rejects-{len(self.rejects):05d}.parquet", table))
+
+    def add_file(self, name: str, data: bytes) -> None:
+        name = safe_artifact_name(name)
+        if name in self._file_names:
+            raise StoreError(f"two chunks carry a file named {name!r}")
+        self._file_names.add(name)
+        path = self.dir / "files" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._dirs.update(p for p in path.parents if p.is_relative_to(self.dir))
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        self.files.append({"name": f"files/{name}", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+
+    def _parquet(self, name: str, table: "pa.Table") -> dict[str, Any]:
+        path = self.dir / name
+        write_parquet(table, path)
+        _fsync_file(path)
+        return {"name": name, "rows": table.num_rows, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+    def commit(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        manifest = {"format": STORE_FORMAT, "key": self.key, **fields,
+                    "records": self.records, "rejects": self.rejects, "files": self.files}
+        atomic_write(self.dir / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+        for folder in sorted(self._dirs, key=lambda p: len(p.parts), reverse=True):
+            fsync_dir(folder)
+        target = self.store.step_dir(self.key)
+        if not target.parent.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fsync_dir(target.parent.parent)
+        if target.exists():  # a damaged copy that `done` refused
+            self.store.discard(self.key)
+        try:
+            os.rename(self.dir, target)
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise StoreError(f"step {self.key[:12]} appeared in the store while being written; is the lock honoured?") from e
+            raise
+        fsync_dir(target.parent)
+        return manifest
+
+    def abort(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
