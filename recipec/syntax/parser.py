@@ -147,8 +147,8 @@ SYNTAX_EXAMPLES: dict[tuple[str, str, str], list[str]] = {
         "remove 1",
     ],
     ("E010", "a block label must be a name or a string", "write e.g. `source emu2_caption { ... }` or `recipe \"aquila\" { ... }`"): [
-        "source 1 { }",
         "source a [ ]",
+        "source a 1 { }",
     ],
     ("E011", "a recipe item must start with a name", "items are `key = value`, `kind name { ... }`, `keep ...`, `drop ...` or `remove ...`"): [
         "1 = 2",
