@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -356,13 +357,18 @@ def parse(text: str, path: str = "<recipe>") -> ast.Document:
     return ast.Document(path, items, tuple(comments), text)
 
 
+# strings first, so that `#` or `//` inside one is not taken for a comment
+_STRING_OR_COMMENT = re.compile(r'"""[\s\S]*?"""|"(?:[^"\\\n]|\\.)*"|(?P<comment>(?:#|//)[^\n]*)')
+
+
 def _comments(text: str) -> list[ast.Comment]:
-    """Comments with their positions, lexed once with the same lexer the parser uses."""
+    """Comments with their positions, in one regular-expression pass over the text."""
     found: list[ast.Comment] = []
-    try:
-        for token in _parser().lex(text, dont_ignore=True):
-            if token.type == "COMMENT":
-                found.append(ast.Comment(str(token).rstrip(), token.line, token.column, token.end_line))
-    except UnexpectedInput:
-        pass  # the parse itself reports the error
+    for match in _STRING_OR_COMMENT.finditer(text):
+        start = match.start("comment")
+        if start < 0:
+            continue
+        line = text.count("\n", 0, start) + 1
+        column = start - (text.rfind("\n", 0, start) + 1) + 1
+        found.append(ast.Comment(match.group("comment").rstrip(), line, column, line))
     return found
