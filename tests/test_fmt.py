@@ -113,3 +113,23 @@ def test_mutated_recipes_only_ever_produce_diagnostics(data):
         format_text(text)
     except RecipecError:
         pass
+
+
+VALUE_SWAPS = ['"text"', "nonsense", "-3", "0", "1.5M", "250%", "3x3", "[a, 1]", "part(9, 2)", "file(\"missing\")",
+               "weight(0)", "first()", "true"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_any_wrong_value_is_a_diagnostic_never_an_exception(data):
+    """Replace one value of a shipped recipe by a value of another kind: the compiler must only report."""
+    import re
+
+    recipe = data.draw(st.sampled_from(SHIPPED + [ROOT / "examples" / "quickstart.recipe"]))
+    text = recipe.read_text()
+    values = [m for m in re.finditer(r"= ([^\n{]+)", text)]
+    match = data.draw(st.sampled_from(values))
+    replacement = data.draw(st.sampled_from(VALUE_SWAPS))
+    mutated = text[: match.start(1)] + replacement + text[match.end(1):]
+    result = compile_file(str(recipe), text=mutated)
+    assert all(d.code and d.message for d in result.diagnostics)

@@ -607,7 +607,8 @@ class Lowering:
                                f"set `max_tiles = {max(fit, 1)}` or a smaller grid" if fit >= 1 else "raise `image_token_budget`")
         if max_tiles is not None and grid is not None and grid == (1, 1):
             self.ctx.warning("W301", "`max_tiles` has no effect with a 1x1 grid", r.key_span("max_tiles"))
-        if entries is None or architecture is None or None in fields.values() and fields["micro_batch"] is not None:
+        required = {k: val for k, val in fields.items() if k != "micro_batch"}
+        if entries is None or architecture is None or None in required.values() or None in part_lr.values():
             return None
         composition = self.composition(name, block, r, entries, datasets, pools, samples, balance)
         if None in (tokens, lr, train, grid, order) or composition is None:
