@@ -23,7 +23,8 @@ changes.
       "changes": [{"path": str, "kind": "added" | "removed" | "changed" | "renamed",
                    "before": JSON | null, "after": JSON | null}],
       "renames": [{"collection": str, "before": str, "after": str}],
-      "stages": [{                                   # stages that differ, in b's order, then those only in a
+      "stages": [{                                   # stages whose mixture or derived numbers differ,
+                                                     # in b's order, then those only in a
         "name": str, "status": "added" | "removed" | "changed", "renamed_from": str | null,
         "samples": {"before": int | null, "after": int | null, "delta": int | null},
         "max_image_tokens": {"before", "after", "delta"},
@@ -36,21 +37,22 @@ changes.
       "cost": {
         "recompute": [{"id": str, "op": str, "uses_model": bool, "reason": "added" | "changed"}],
         "cached": [str],                             # b's steps whose fingerprint a already has
-        "removed": [str],                            # a's steps whose fingerprint b no longer has
+        "removed": [str],                            # a's steps that b has no more, nor their results
       },
     }
 
-Paths read like `sources.gpt4_ocr.expect`, `stages.s4.mix.synthetic`, `filters.processing.ops.dedup_phash.
-max_distance`; a name that is not an identifier is bracketed: `tree[Coarse Perception]`. In a
-mixture row a key absent on one side counts 0 samples; null means the count is not known (a source
-without `expect`). A missing stage has null numbers. Shares are fractions of the stage's samples,
-rounded to 6 digits.
+Paths read like `sources.gpt4_ocr.expect`, `stages.s4.mix.synthetic` or
+`filters.processing.ops.dedup_phash.max_distance`; a name that is not an identifier is bracketed:
+`tree[Coarse Perception]`. A rename is listed at the old name's path, with the two names as before
+and after. In a mixture row a key absent on one side counts 0 samples; null means the count is not
+known (a source without `expect`). A missing stage has null numbers. Shares are fractions of the
+stage's samples, rounded to 6 digits.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 from recipec import ir
@@ -254,10 +256,10 @@ def _list_keys(items: list[Any]) -> list[str] | None:
         return None
     if all("name" in i for i in items):
         bases = [str(i["name"]) for i in items]
+    elif all("verb" in i and "field" in i for i in items):  # keep/drop rules (which also carry an `op`)
+        bases = [f"{i['verb']} {i['field']}" for i in items]
     elif all("op" in i for i in items):
         bases = [str(i["op"]) for i in items]
-    elif all("verb" in i and "field" in i for i in items):
-        bases = [f"{i['verb']} {i['field']}" for i in items]
     else:
         return None
     seen: dict[str, int] = {}
@@ -306,7 +308,7 @@ class _Walker:
             self.changes.append(Change(path, CHANGED, a, b))
 
     def mapping(self, path: str, a: dict, b: dict) -> None:
-        if _is_collection(a, b):
+        if path in BLOCKS or _is_collection(a, b):
             self.keyed(path, a, b, ordered=False)
             return
         for key in [*a, *(k for k in b if k not in a)]:
@@ -419,7 +421,7 @@ def _stages(a: ir.Recipe, b: ir.Recipe, renames: list[Rename]) -> tuple[StageDif
         before = stages_a.get(old) if old else None
         if before is not None:
             matched_a.add(old)
-            if _without_name(before.model_dump(mode="json")) == _without_name(stage.model_dump(mode="json")):
+            if all(getattr(before, f) == getattr(stage, f) for f in STAGE_DERIVED):
                 continue
         result.append(_stage_diff(name, before, stage, datasets, old if old and old != name else None))
     for name, stage in stages_a.items():
@@ -435,10 +437,10 @@ def cost(a: ir.Recipe, b: ir.Recipe) -> Cost:
     plan_a, plan_b = build_plan(a), build_plan(b)
     known = {step.fingerprint for step in plan_a.steps.values()}
     kept = {step.fingerprint for step in plan_b.steps.values()}
-    recompute = tuple(StepCost(s.id, s.op, s.op in MODEL_OPS, "changed" if s.id in plan_a.steps else ADDED)
+    recompute = tuple(StepCost(s.id, s.op, s.op in MODEL_OPS, CHANGED if s.id in plan_a.steps else ADDED)
                       for s in plan_b.steps.values() if s.fingerprint not in known)
     cached = tuple(s.id for s in plan_b.steps.values() if s.fingerprint in known)
-    removed = tuple(s.id for s in plan_a.steps.values() if s.fingerprint not in kept)
+    removed = tuple(s.id for s in plan_a.steps.values() if s.id not in plan_b.steps and s.fingerprint not in kept)
     return Cost(recompute, cached, removed)
 
 
