@@ -122,9 +122,11 @@ def allocate(stage_mix: tuple[ir.MixEntry, ...], available: dict[str, dict[str, 
         return result
 
     by_entry = dict(fixed)
+    # one largest-remainder split of the shares' total, so that shares of 1/6 add up exactly
+    share_counts = split_evenly(round(total * share_sum), shares) if shares else {}
     for name, share in shares.items():
         pool = available.get(name, {})
-        want = round(total * share)
+        want = share_counts[name]
         have = sum(pool.values())
         if want > have:
             result.problems.append((name, f"{share * 100:.4g}% of {total:,} is {want:,} samples of `{name}`, which has {have:,}", None))

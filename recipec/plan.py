@@ -7,9 +7,13 @@ the content of each source's files into its ingest step when it runs.
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import itertools
 import json
+import posixpath
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 from recipec import ir
@@ -198,6 +202,22 @@ class _Builder:
         if isinstance(op, (ir.Threshold, ir.Percentile)):
             return self.condition_steps(f"{prefix}.{op.condition.verb}_{op.condition.field}", op.condition, current, on)
         params = {k: v for k, v in _dump(op).items() if k != "op"}
+        if isinstance(op, ir.DedupPhash):
+            # Records keep image paths relative to their source's image folder: the op needs those
+            # folders (as `recipec.ops.ingest.image_root` finds them; not imported, planning stays
+            # free of pyarrow). A synthesized set's is its seeds' common folder, if they share one.
+            roots: dict[str, str | None] = {}
+            for name, src in self.recipe.sources.items():
+                roots[name] = src.images
+                if src.images is None and src.format == "image_folder":
+                    fixed = [posixpath.join(*parts) if parts else "." for parts in (
+                        list(itertools.takewhile(lambda p: not glob.has_magic(p), PurePosixPath(path).parts))
+                        for path in src.paths)]
+                    roots[name] = posixpath.commonpath(fixed) if len(fixed) > 1 else fixed[0]
+            for name, syn in self.recipe.syntheses.items():
+                seeds = {roots.get(s) for s in syn.from_sources}
+                roots[name] = seeds.pop() if len(seeds) == 1 else None
+            params["roots"] = roots
         return self.add(f"{prefix}.{op.op}", op.op, [current], {**params, "on": on, "seed": self.recipe.seed})
 
 

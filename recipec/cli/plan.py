@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from recipec.cli.common import compile_reporting
 from recipec.plan import MODEL_OPS, build_plan, plan_json
@@ -16,12 +17,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", metavar="DIR", help="mark the steps a run would find cached in this store")
 
 
-def _cached(plan, store: str | None) -> set[str] | None:
+def _cached(plan, store: str | None, recipe_file: str) -> set[str] | None:
     if not store:
         return None
     from recipec.runtime.store import cached_steps
 
-    return cached_steps(plan, store)
+    return cached_steps(plan, store, Path(recipe_file).parent)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     if not result.ok:
         return 1
     plan = build_plan(result.recipe)
-    cached = _cached(plan, args.store)
+    cached = _cached(plan, args.store, args.file)
     data = plan_json(plan, cached)
     if args.json:
         json.dump(data, sys.stdout, indent=2, sort_keys=False, ensure_ascii=False)

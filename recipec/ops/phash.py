@@ -12,12 +12,15 @@ bits read row-major with the first one as the most significant bit. We reproduce
   (``Image.reduce``). Both give (close to) block means, so instead of resampling those blocks with
   the Lanczos kernel as if they were pixels, we integrate the full-resolution kernel over each
   block: the result is then what the full-resolution resize would have given, up to the detail
-  inside the blocks. This keeps ~99.9% of hashes within 2 bits of imagehash (most exactly equal).
+  inside the blocks. On generated charts, text pages and photos (benchmarks/bench_phash.py) this
+  keeps >= 99.5% of JPEG hashes within 2 bits of imagehash (~85% equal); PNGs up to 1024 px are
+  not shrunk, so their hashes are equal.
 * Only the 8 needed DCT coefficients per axis are computed, as ``D8 @ Y @ D8.T`` on a whole batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
@@ -42,9 +45,10 @@ HASH_SIZE = 8
 IMG_SIZE = HASH_SIZE * 4  # imagehash's highfreq_factor=4
 
 # Shrinking before the resize: the shrunk side keeps at least this many pixels per output pixel.
-# Measured on generated charts, text pages and photos (see benchmarks/bench_phash.py): JPEG draft at
-# >= 2 px/output keeps >= 99.7% of hashes within 2 bits; box reduce needs more room because PNGs hold
-# sharp text and lines whose within-block detail matters more.
+# Measured on generated charts, text pages and photos: a JPEG draft down to 2 px/output keeps only
+# 99.2% of hashes within 2 bits, 4 px/output 99.6% (and decodes at 1/4..1/8 scale for 512..1024 px
+# images). Box reduce is only worth it on large images (PNG decode dominates anyway): at 16
+# px/output (sides >= 1024) ~99% of hashes stay exactly equal, at 4 px/output only ~77%.
 _JPEG_MIN_PER_OUT = 4
 _REDUCE_MIN_PER_OUT = 16
 
@@ -64,9 +68,18 @@ def _dct_matrix(n_out: int = HASH_SIZE, n_in: int = IMG_SIZE) -> np.ndarray:
 _D8 = _dct_matrix()
 
 
+def _sinc(x: np.ndarray) -> np.ndarray:
+    # Pillow's sinc_filter, operation for operation (x * pi, then sin(x) / x), for identical taps.
+    y = x * np.pi
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.sin(y) / y
+    out[x == 0.0] = 1.0
+    return out
+
+
 def _lanczos(x: np.ndarray) -> np.ndarray:
-    # Pillow's lanczos_filter: sinc(x) * sinc(x/3) on [-3, 3), zero elsewhere.
-    out = np.sinc(x) * np.sinc(x / 3.0)
+    # Pillow's lanczos_filter: sinc(x) * sinc(x / 3) on [-3, 3), zero elsewhere.
+    out = _sinc(x) * _sinc(x / 3.0)
     out[(x < -3.0) | (x >= 3.0)] = 0.0
     return out
 
@@ -83,29 +96,39 @@ def _resize_weights(full: int, block: int, reduced: int) -> np.ndarray:
     scale = full / out
     filterscale = max(scale, 1.0)
     support = 3.0 * filterscale
+    ksize = int(np.ceil(support)) * 2 + 1
     centers = (np.arange(out) + 0.5) * scale
     xmin = np.maximum((centers - support + 0.5).astype(np.int64), 0)  # C's (int) truncates; >= 0 here
     xmax = np.minimum((centers + support + 0.5).astype(np.int64), full)
-    x = np.arange(full)[None, :]
-    inside = (x >= xmin[:, None]) & (x < xmax[:, None])
-    w = np.where(inside, _lanczos((x - centers[:, None] + 0.5) / filterscale), 0.0)
-    w /= w.sum(axis=1, keepdims=True)
-    if block > 1:
-        # Integrate the full-resolution kernel over each block (the last one may be partial).
-        pad = reduced * block - full
-        w = np.pad(w, ((0, 0), (0, pad))) if pad >= 0 else w[:, : reduced * block]
-        w = w.reshape(out, reduced, block).sum(axis=2)
-    # normalize_coeffs_8bpc: round half away from zero to fixed point.
-    q = np.where(w < 0, np.ceil(w * _ONE - 0.5), np.floor(w * _ONE + 0.5))
-    q.setflags(write=False)
-    return q
+    # Only the taps inside each output pixel's support (Pillow's bounds), as flat arrays.
+    x = xmin[:, None] + np.arange(ksize)[None, :]
+    row, tap = np.nonzero(x < xmax[:, None])
+    x = x[row, tap]
+    w = _lanczos((x - centers[row] + 0.5) * (1.0 / filterscale))
+    w /= np.bincount(row, weights=w, minlength=out)[row]  # each output pixel's taps sum to 1
+    if block == 1:
+        dense = np.zeros((out, reduced))
+        dense[row, x] = _fixed_point(w)
+    else:
+        # Integrate the kernel over each block (the last one may be partial), then round to fixed
+        # point as Pillow does for its own taps.
+        col = np.minimum(x // block, reduced - 1)
+        summed = np.bincount(row * reduced + col, weights=w, minlength=out * reduced)
+        dense = _fixed_point(summed.reshape(out, reduced))
+    dense.setflags(write=False)
+    return dense
+
+
+def _fixed_point(w: np.ndarray) -> np.ndarray:
+    """Pillow's normalize_coeffs_8bpc: scale by 2**22 and round half away from zero."""
+    return np.where(w < 0, np.ceil(w * _ONE - 0.5), np.floor(w * _ONE + 0.5))
 
 
 def _resize_32(gray: np.ndarray, full_w: int, full_h: int, block_x: int, block_y: int) -> np.ndarray:
     """Pillow's LANCZOS resize of a (full_w x full_h) L image to 32x32, from its block-reduced pixels.
 
     float64 holds the fixed-point sums exactly (each term < 2^30, a few thousand terms), so this
-    matches Pillow's integer arithmetic bit for bit. Horizontal pass first, as Pillow does.
+    matches Pillow's integer arithmetic bit for bit, passes in Pillow's order.
     """
     h, w = gray.shape
     x = gray.astype(np.float64, copy=False)
@@ -113,9 +136,9 @@ def _resize_32(gray: np.ndarray, full_w: int, full_h: int, block_x: int, block_y
     wy = _resize_weights(full_h, block_y, h)
     do_x = full_w != IMG_SIZE or block_x != 1
     do_y = full_h != IMG_SIZE or block_y != 1
-    # Pillow >= 12 runs the vertical pass first on tall images (found by testing against it: its
-    # choice is "vertical first iff h > 2 * max(w, 32) - 32"); the order matters for the rounding.
-    if do_y and full_h > 2 * max(full_w, IMG_SIZE) - IMG_SIZE:
+    # Recent Pillow runs the vertical pass first on tall images (found by testing against Pillow 13:
+    # "vertical first iff h > 2 * max(w, 32) - 32"); the order matters for the rounding.
+    if do_y and full_h > 2 * max(full_w, IMG_SIZE) - IMG_SIZE and _pillow_tall_vertical_first():
         x = np.clip(np.floor((wy @ x + _HALF) / _ONE), 0.0, 255.0)
         do_y = False
     if do_x:
@@ -123,6 +146,18 @@ def _resize_32(gray: np.ndarray, full_w: int, full_h: int, block_x: int, block_y
     if do_y:
         x = np.clip(np.floor((wy @ x + _HALF) / _ONE), 0.0, 255.0)
     return x
+
+
+@lru_cache(maxsize=1)
+def _pillow_tall_vertical_first() -> bool:
+    """Does this Pillow resize tall images vertical pass first? Asked once, on a probe image."""
+    probe = np.random.default_rng(5).integers(0, 256, (100, 16), dtype=np.uint8)
+    got = np.asarray(Image.fromarray(probe).resize((IMG_SIZE, IMG_SIZE), Image.Resampling.LANCZOS))
+    x = probe.astype(np.float64)
+    wx, wy = _resize_weights(16, 1, 16), _resize_weights(100, 1, 100)
+    v = np.clip(np.floor((wy @ x + _HALF) / _ONE), 0.0, 255.0)
+    v = np.clip(np.floor((v @ wx.T + _HALF) / _ONE), 0.0, 255.0)
+    return bool(np.array_equal(v, got))
 
 
 def _reduce_factor(side: int) -> int:
@@ -183,7 +218,8 @@ def phash_batch(images: Sequence[Image.Image]) -> np.ndarray:
     """pHashes of in-memory images as a uint64 array (one DCT for the whole batch)."""
     if len(images) == 0:
         return np.zeros(0, dtype=np.uint64)
-    return _hash_pixels(np.stack([_pixels_from_image(im) for im in images]))
+    with _single_thread_blas():
+        return _hash_pixels(np.stack([_pixels_from_image(im) for im in images]))
 
 
 def hash_to_hex(h: int | np.integer) -> str:
@@ -195,15 +231,48 @@ def hex_to_hash(s: str) -> int:
     return int(s, 16)
 
 
+_BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _single_thread_blas() -> contextlib.AbstractContextManager[object]:
+    """Keep BLAS on one thread while we hash.
+
+    Our matrix products are many and small-to-medium; a multi-threaded OpenBLAS spends more on
+    waking its threads than it saves (10x slower on a 2-core machine), and one thread per worker
+    is what makes ``workers`` mean cores. threadpoolctl is optional; without it, nothing changes.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+@contextlib.contextmanager
+def _workers_env() -> Iterable[None]:
+    """Spawned workers inherit the environment: one BLAS thread each, set before numpy loads."""
+    saved = {k: os.environ.get(k) for k in _BLAS_ENV}
+    os.environ.update({k: "1" for k in _BLAS_ENV})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _hash_chunk(paths: Sequence[str]) -> tuple[np.ndarray, list[str | None]]:
     """Worker: hash a chunk of files; a file that fails gets hash 0 and its error message."""
     pixels = np.zeros((len(paths), IMG_SIZE, IMG_SIZE))
     errors: list[str | None] = [None] * len(paths)
-    for i, p in enumerate(paths):
-        try:
-            pixels[i] = _pixels_from_file(p)
-        except Exception as e:  # noqa: BLE001 - corrupt/hostile files are reported, not fatal
-            errors[i] = f"{type(e).__name__}: {e}"
+    with _single_thread_blas():
+        for i, p in enumerate(paths):
+            try:
+                pixels[i] = _pixels_from_file(p)
+            except Exception as e:  # noqa: BLE001 - corrupt/hostile files are reported, not fatal
+                errors[i] = f"{type(e).__name__}: {e}"
     hashes = _hash_pixels(pixels)
     hashes[[e is not None for e in errors]] = 0
     return hashes, errors
@@ -230,7 +299,7 @@ def phash_files_checked(
     chunk = max(1, min(chunk_size, -(-len(items) // (4 * max(workers, 1)))))
     if workers <= 1 or len(items) <= chunk:
         return _hash_chunk(items)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+    with _workers_env(), ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         parts = list(pool.map(_hash_chunk, _chunks(items, chunk)))
     hashes = np.concatenate([h for h, _ in parts])
     errors = [e for _, errs in parts for e in errs]

@@ -55,8 +55,8 @@ class RunProgress:
     def step_started(self, step: "Step", position: int, total: int | None) -> StepProgress:
         return StepProgress(lambda done, expected: None, total)
 
-    def step_finished(self, position: int, outcome: "StepOutcome") -> None:
-        pass
+    def step_finished(self, position: int, outcome: "StepOutcome", progress: StepProgress | None = None) -> None:
+        """`progress` is what `step_started` returned; None for a cached step, which never started."""
 
     def message(self, text: str) -> None:
         pass
@@ -102,7 +102,7 @@ class PlainProgress(RunProgress):
 
         return StepProgress(update, total)
 
-    def step_finished(self, position: int, outcome: "StepOutcome") -> None:
+    def step_finished(self, position: int, outcome: "StepOutcome", progress: StepProgress | None = None) -> None:
         how = "cached" if outcome.cached else f"done in {outcome.seconds:.2f} s"
         self._print(f"[{position}/{self.count}] {outcome.id} ({outcome.op}) {how}: {_counts(outcome)}")
 
@@ -126,6 +126,7 @@ class RichProgress(RunProgress):
         self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
                              TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
         self.count = 0
+        self._tasks: dict[int, Any] = {}
         self._started = False
 
     def start(self, count: int) -> None:
@@ -140,18 +141,17 @@ class RichProgress(RunProgress):
             self.bars.update(task, completed=done, total=expected)
 
         progress = StepProgress(update, total)
-        progress.task = task  # type: ignore[attr-defined]
+        self._tasks[id(progress)] = task
         return progress
 
-    def step_finished(self, position: int, outcome: "StepOutcome") -> None:
+    def step_finished(self, position: int, outcome: "StepOutcome", progress: StepProgress | None = None) -> None:
         mark = "[dim]cached[/dim]" if outcome.cached else "[green]done[/green]"
         description = f"[{position}/{self.count}] {outcome.id} {mark}"
-        task = getattr(outcome, "progress_task", None)
-        if task is None:
-            self.bars.add_task(description, total=outcome.records_in or 1, completed=outcome.records_in or 1)
+        size = outcome.records_in or 1  # a full bar, also for a step with no input
+        if progress is None:
+            self.bars.add_task(description, total=size, completed=size)
         else:
-            self.bars.update(task, description=description, total=outcome.records_in or 1,
-                             completed=outcome.records_in or 1)
+            self.bars.update(self._tasks.pop(id(progress)), description=description, total=size, completed=size)
 
     def message(self, text: str) -> None:
         self.console.print(text, markup=False, highlight=False)
@@ -172,16 +172,21 @@ def make_progress(*, quiet: bool = False, stream: TextIO | None = None) -> RunPr
 
 
 class ProgressLogHandler(logging.Handler):
-    """Shows warnings from the run (ops' included) through the progress display, not around it."""
+    """Shows warnings from the run (ops' included) through the progress display, not around it.
+
+    Tracebacks stay in the log file, and so do the executor's own error records: the command
+    reports a failed step itself, once.
+    """
 
     def __init__(self, progress: RunProgress, level: int = logging.WARNING):
         super().__init__(level)
         self.progress = progress
-        self.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.name == "recipec.run" and record.levelno >= logging.ERROR:
+            return
         try:
-            self.progress.message(self.format(record))
+            self.progress.message(f"{record.levelname.lower()}: {record.getMessage()}")
         except Exception:  # a display problem must not fail the run
             self.handleError(record)
 
@@ -215,7 +220,7 @@ def print_summary(outcomes: Sequence["StepOutcome"], stream: TextIO | None = Non
 
     table = Table(title="recipec run")
     for i, name in enumerate(COLUMNS):
-        table.add_column(name, justify="left" if i in (0, 1, 5) else "right")
+        table.add_column(name, justify="left" if i in (0, 1, 5) else "right", overflow="fold")
     for row in summary_rows(outcomes):
         table.add_row(*row)
     Console(file=stream).print(table)

@@ -13,15 +13,17 @@ Layout::
       cache/file-sha256.json             sha256 of data files by (path, size, mtime_ns)
       outputs/<digest of OUT path>.json  what the last run wrote to that --out folder (report.py)
 
-Keys. `key = sha256(store format, step fingerprint, input keys, data digest)`. The plan's
-fingerprint covers the op, its version and params and, through the input fingerprints, the whole
-upstream recipe; chaining the *input keys* adds what the plan cannot see: the data. An ingest step's
+Keys. `key = sha256(store format, step fingerprint, step id, seed, input keys, data digest)`. The
+plan's fingerprint covers the op, its version and params and, through the input fingerprints, the
+whole upstream recipe; chaining the *input keys* adds what the plan cannot see: the data. The step
+id and the recipe's seed are in the key because an op sees them too (`ctx.step_id`, which ops
+write into records' provenance, and `ctx.seed`): a step is computed once, whichever recipe asks
+for it, as long as it is the same step under the same name. An ingest step's
 data digest covers the content of its source's data files (sha256 of each, remembered by
 (path, size, mtime_ns) so an unchanged file is not read again) and the listing of its image root
 (relative path, size, mtime_ns of every file: hashing every image on every run would be too slow;
 the ingest op records each image's own sha256). Paths enter keys relative to the recipe's folder,
-so moving a project does not invalidate its store. Step ids do not enter keys: a step is computed
-once, whichever recipe asks for it.
+so moving a project does not invalidate its store.
 
 Atomicity. A step is written into `tmp/<key>/`, every file fsync'd, `manifest.json` last, then the
 folder is renamed into `steps/` (one atomic rename) and the parent fsync'd. So a folder under
@@ -46,13 +48,15 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 from recipec.diagnostics import RecipecError
 from recipec.runtime.lock import StoreLock
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+    from recipec.plan import Plan
 
 STORE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -79,9 +83,37 @@ def canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def step_key(fingerprint: str, input_keys: Sequence[str], data: str | None = None) -> str:
-    payload = {"format": STORE_FORMAT, "fingerprint": fingerprint, "inputs": list(input_keys), "data": data}
+def step_key(fingerprint: str, input_keys: Sequence[str], data: str | None = None, *, step_id: str,
+             seed: int) -> str:
+    payload = {"format": STORE_FORMAT, "fingerprint": fingerprint, "step": step_id, "seed": seed,
+               "inputs": list(input_keys), "data": data}
     return hashlib.sha256(canonical(payload).encode("utf-8")).hexdigest()
+
+
+def plan_keys(plan: "Plan", step_ids: Iterable[str], recipe_dir: Path, data: "DataDigests") -> dict[str, str]:
+    """Store keys of `step_ids` and of everything upstream of them."""
+    needed: set[str] = set()
+    for step_id in step_ids:
+        needed.update(plan.upstream(step_id))
+    keys: dict[str, str] = {}
+    for step in plan.steps.values():  # dependency order: inputs come first
+        if step.id not in needed:
+            continue
+        digest = data.source(step.params["source"], recipe_dir) if step.op == "ingest" else None
+        keys[step.id] = step_key(step.fingerprint, [keys[i] for i in step.inputs], digest, step_id=step.id,
+                                 seed=plan.recipe.seed)
+    return keys
+
+
+def cached_steps(plan: "Plan", store: "str | os.PathLike | Store", recipe_dir: str | os.PathLike = ".") -> set[str]:
+    """The steps of `plan` a run would find done in `store` (for `recipec plan --store`).
+
+    `recipe_dir` is the recipe's folder, which its data paths are relative to. Reads no data
+    beyond data files whose digest is not remembered yet, takes no lock, writes nothing.
+    """
+    store = store if isinstance(store, Store) else Store(store)
+    keys = plan_keys(plan, plan.steps, Path(recipe_dir).absolute(), DataDigests(store.file_digests()))
+    return {step_id for step_id, key in keys.items() if store.done(key) is not None}
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -176,13 +208,23 @@ class DataDigests:
 
 
 def _walk(root: str) -> Iterator[tuple[str, os.stat_result]]:
-    """Every file under `root` as (POSIX path relative to it, stat), in a fixed order."""
+    """Every file under `root` as (POSIX path relative to it, stat), in a fixed order.
+
+    Linked folders are followed (image roots are often links), each real folder once, so a link
+    cycle cannot loop.
+    """
     stack = [""]
+    seen: set[tuple[int, int]] = set()
     while stack:
         rel_dir = stack.pop()
+        path = os.path.join(root, rel_dir)
         try:
-            entries = sorted(os.scandir(os.path.join(root, rel_dir)), key=lambda e: e.name)
-        except FileNotFoundError:
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
             continue
         subdirs = []
         for entry in entries:
@@ -387,7 +429,8 @@ class StepWriter:
     def commit(self, fields: Mapping[str, Any]) -> dict[str, Any]:
         manifest = {"format": STORE_FORMAT, "key": self.key, **fields,
                     "records": self.records, "rejects": self.rejects, "files": self.files}
-        atomic_write(self.dir / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+        text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+        atomic_write(self.dir / MANIFEST, text.encode("utf-8"))
         for folder in sorted(self._dirs, key=lambda p: len(p.parts), reverse=True):
             fsync_dir(folder)
         target = self.store.step_dir(self.key)
@@ -403,7 +446,7 @@ class StepWriter:
                 raise StoreError(f"step {self.key[:12]} appeared in the store while being written; is the lock honoured?") from e
             raise
         fsync_dir(target.parent)
-        return manifest
+        return json.loads(text)  # exactly what a later run reads back, key order included
 
     def abort(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

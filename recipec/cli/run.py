@@ -1,0 +1,145 @@
+"""`recipec run FILE`: run what is not cached, resumably, and write the outputs and the report.
+
+    recipec run FILE [--store DIR] [--out DIR] [--workers N] [--until STEP]... [--only STEP]
+                     [--verify] [--quiet] [--debug]
+
+--store   the content-addressed store (default $RECIPEC_STORE, else .recipec/store)
+--out     the outputs: per stage its data, rejects/, report.json, run.log (default out/<recipe name>)
+--workers processes or threads an operation may use (default: every core); outputs do not depend on it
+--until   run this step (or stage: its export step) and what it needs; may be given several times
+--only    run this step alone; its inputs must already be in the store
+--verify  check the sha256 of every cached output before trusting it
+
+Exit codes: 0 success; 1 a step failed (its id, the message and the log's path are printed; the
+traceback of an internal error is in the log, and on stderr with --debug); 2 the recipe has errors,
+the store is in use by another run, the run cannot start (an unknown step, an operation this
+installation lacks, inputs of --only missing), or the store or --out cannot be written.
+
+This module is imported by every `recipec` command, so it imports the runtime only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from recipec.cli.common import compile_reporting
+
+EXIT_OK, EXIT_STEP_FAILED, EXIT_ERROR = 0, 1, 2
+DEFAULT_STORE = Path(".recipec") / "store"
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE")
+    parser.add_argument("--store", metavar="DIR", help=f"the step store (default $RECIPEC_STORE, else {DEFAULT_STORE})")
+    parser.add_argument("--out", metavar="DIR", help="where the outputs go (default out/<recipe name>)")
+    parser.add_argument("--workers", metavar="N", type=_positive, help="processes or threads per operation (default: all cores)")
+    parser.add_argument("--until", metavar="STEP", action="append", default=[],
+                        help="run STEP (or a stage's export) and its upstream only; repeatable")
+    parser.add_argument("--only", metavar="STEP", help="run STEP alone; its inputs must already be stored")
+    parser.add_argument("--data-only", action="store_true",
+                        help="run every step that loads no model (ingest, filters, mixing, export)")
+    parser.add_argument("--verify", action="store_true", help="check the sha256 of cached outputs before using them")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _error(message: str) -> None:
+    print(f"recipec run: {message}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    compiled = compile_reporting(args.file)
+    if not compiled.ok:
+        return EXIT_ERROR
+
+    from recipec.plan import build_plan
+    from recipec.runtime.executor import RunError, StepFailed, execute, select
+    from recipec.runtime.lock import StoreInUse
+    from recipec.runtime.progress import make_progress, print_summary
+    from recipec.runtime.report import reserved_names, write_outputs
+    from recipec.runtime.store import Store
+
+    recipe = compiled.recipe
+    clashes = sorted(reserved_names() & {s.name for s in recipe.stages})
+    if clashes:
+        _error(f"stage name(s) {', '.join(clashes)} clash with the files of --out; rename the stage")
+        return EXIT_ERROR
+    plan = build_plan(recipe)
+    store = Store(args.store or os.environ.get("RECIPEC_STORE") or DEFAULT_STORE)
+    out_dir = Path(args.out) if args.out else Path("out") / recipe.name
+    log_path = out_dir / "run.log"
+
+    try:
+        select(plan, args.until, args.only, args.data_only)  # a bad step name is refused before anything is touched
+        with store.locked():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            progress = make_progress(quiet=args.quiet)
+            handlers = _attach_log(log_path, progress)
+            logging.getLogger("recipec.run").info("recipec run %s (store %s, out %s)", args.file, store.root, out_dir)
+            try:
+                result = execute(plan, store=store, recipe_dir=Path(args.file).parent, workers=args.workers,
+                                 until=args.until, only=args.only, data_only=args.data_only, verify=args.verify, progress=progress)
+                write_outputs(result, store, out_dir)
+                logging.getLogger("recipec.run").info("run finished in %.2f s", result.seconds)
+            finally:
+                progress.close()
+                _detach_log(handlers)
+    except StoreInUse as e:
+        _error(str(e))
+        return EXIT_ERROR
+    except RunError as e:
+        _error(str(e))
+        return EXIT_ERROR
+    except StepFailed as e:
+        _error(f"step {e.step_id} (op `{e.op}`) failed: {e.message}")
+        print(f"  log: {log_path}", file=sys.stderr)
+        if args.debug:
+            traceback.print_exception(e)
+        elif e.internal and e.__cause__ is not None:
+            print("  (the traceback is in the log; --debug shows it here)", file=sys.stderr)
+        return EXIT_STEP_FAILED
+    except OSError as e:  # the store or the outputs cannot be written
+        if args.debug:
+            raise
+        _error(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+        return EXIT_ERROR
+
+    print_summary(result.outcomes)
+    ran = sum(not o.cached for o in result.outcomes)
+    print(f"{len(result.outcomes)} step(s), {ran} run, {len(result.outcomes) - ran} cached, "
+          f"in {result.seconds:.2f} s; outputs in {out_dir}")
+    return EXIT_OK
+
+
+def _attach_log(path: Path, progress) -> list[tuple[logging.Logger, logging.Handler]]:
+    from recipec.runtime.progress import ProgressLogHandler
+
+    root = logging.getLogger("recipec")
+    root.setLevel(logging.INFO)
+    to_file = logging.FileHandler(path, mode="a", encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    to_screen = ProgressLogHandler(progress)
+    root.addHandler(to_file)
+    root.addHandler(to_screen)
+    return [(root, to_file), (root, to_screen)]
+
+
+def _detach_log(handlers: list[tuple[logging.Logger, logging.Handler]]) -> None:
+    for logger, handler in handlers:
+        logger.removeHandler(handler)
+        handler.close()

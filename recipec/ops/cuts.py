@@ -1,0 +1,93 @@
+"""threshold and percentile: keep or drop records by a score (`scores[field]`).
+
+Params: `condition` ({verb, field, op, value}) and `on` (sources judged; all when None).
+
+threshold (`keep score >= 8`, `drop loss > 3`)
+    `keep`: a record stays when `value op threshold` holds; `drop`: it goes when it holds.
+    Rejected records get reason `threshold_<field>`.
+
+percentile (`drop loss top 5%`, `keep score bottom 10%`; value is the fraction, 0.05)
+    Global and exact: over all judged records at once (not per shard), the "top p" set is the
+    ceil(p * n) records with the highest values (rounded to 9 digits first, so 5% of 100 is 5, not 6),
+    "bottom p" the ceil(p * n) with the lowest; ties at the cut are broken by record id (ascending
+    first), so the set never depends on record order. `drop` rejects that set, `keep` keeps only it.
+    Rejected records get reason `percentile_<field>`; the detail gives the cut value.
+
+A judged record without the field (or with NaN) cannot be judged: it is rejected `score_missing`
+rather than let through silently. Restrict `on` to the sources that carry the score.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from recipec import ir
+from recipec.ops.base import Chunk, OperationError, StepContext
+from recipec.ops.collect import concat, judge, smallest, source_mask
+
+OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq, "!=": operator.ne}
+
+
+def scores_of(table: pa.Table, field: str) -> np.ndarray:
+    """`scores[field]` per record as float64, NaN where missing."""
+    if table.num_rows == 0:
+        return np.zeros(0, dtype=np.float64)
+    found = pc.map_lookup(table.column("scores"), pa.scalar(field, pa.string()), "first")
+    return np.asarray(pc.fill_null(found.cast(pa.float64()), math.nan).to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+def _prepare(ctx: StepContext, inputs: list[pa.Table]):
+    table = concat(inputs)
+    condition = ir.Condition.model_validate(ctx.params["condition"])
+    judged = source_mask(table, ctx.params.get("on"))
+    values = scores_of(table, condition.field)
+    missing = judged & np.isnan(values)
+    reason = ("score_missing", f"no `{condition.field}` score to judge")
+    dropped = {row: reason for row in np.flatnonzero(missing).tolist()}
+    return table, condition, judged, values, dropped
+
+
+def run_threshold(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
+    table, c, judged, values, dropped = _prepare(ctx, inputs)
+    if c.op not in OPS:
+        raise OperationError(f"a threshold compares with {', '.join(OPS)}, not `{c.op}`")
+    present = judged & ~np.isnan(values)
+    holds = np.zeros(table.num_rows, dtype=bool)
+    holds[present] = OPS[c.op](values[present], c.value)
+    failing = present & (~holds if c.verb == "keep" else holds)
+    for row in np.flatnonzero(failing).tolist():
+        verdict = "is not" if c.verb == "keep" else "is"
+        dropped[row] = (f"threshold_{c.field}", f"{c.field} = {values[row]:g} {verdict} {c.op} {c.value:g}")
+    yield from judge(ctx, table, judged, dropped)
+
+
+def run_percentile(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
+    table, c, judged, values, dropped = _prepare(ctx, inputs)
+    if c.op not in ("top", "bottom"):
+        raise OperationError(f"a percentile cut takes `top` or `bottom`, not `{c.op}`")
+    if not 0.0 <= c.value <= 1.0:
+        raise OperationError(f"a percentile cut takes a fraction between 0 and 1, not {c.value:g}")
+    rows = np.flatnonzero(judged & ~np.isnan(values))
+    k = cut_size(c.value, len(rows))
+    ranked = -values[rows] if c.op == "top" else values[rows]
+    ids = table.column("id").take(pa.array(rows, pa.int64()))
+    chosen = smallest(ranked, k, ids)
+    cut = values[rows][chosen].min() if c.op == "top" and k else values[rows][chosen].max() if k else math.nan
+    out = rows[chosen] if c.verb == "drop" else rows[~chosen]
+    where = f"{c.op} {c.value * 100:g}%"
+    for row in out.tolist():
+        inside = "in" if c.verb == "drop" else "not in"
+        dropped[int(row)] = (f"percentile_{c.field}", f"{c.field} = {values[row]:g} is {inside} the {where} "
+                                                     f"(cut at {cut:g}, {k} of {len(rows)})")
+    yield from judge(ctx, table, judged, dropped)
+
+
+def cut_size(fraction: float, n: int) -> int:
+    """How many of `n` records the top/bottom `fraction` holds: ceil, after rounding away float noise."""
+    return min(n, math.ceil(round(fraction * n, 9)))

@@ -1,0 +1,705 @@
+"""ingest: read one source into unified records (`recipec.records.SCHEMA`), validating everything.
+
+Params: `{"source": <ir.Source dump>}`. `source.paths` are globs relative to the recipe directory
+(`ctx.recipe_dir`); the matched files are read in sorted order. Image paths in the data are relative
+to the source's `images` folder (also relative to the recipe directory) and are stored that way.
+
+Formats
+    llava_json    a JSON array of LLaVA records (a file that does not start with `[` is read as
+                  JSON Lines); line numbers are tracked through the array
+    llava_jsonl   one LLaVA record per line; blank lines are not records (skipped, not counted)
+    parquet       one record per row
+    hf_dataset    a folder written by `datasets.save_to_disk` (a Dataset, or a DatasetDict whose
+                  splits are read in the order its `dataset_dict.json` lists them)
+    image_folder  one record per image file, without conversation (seeds for tagging and
+                  synthesis); a path that names a folder takes every image under it
+
+A LLaVA record has `image` (a path, or a list of paths) or `images` (a list), and `conversations`
+(turns `{"from": "human"|"gpt", "value": str}`). Optional: `id` (the dataset's own id: kept only in
+`origin`, ours is `records.record_id`), `data_type` (used when it is a known type; required when the
+source's type is `mixed`), `image_tags` / `instruction_tags` (lists of strings), `scores` (an object
+of numbers), and any other top-level number (`loss`, `score`, ...), which goes to `scores`.
+`source.columns` renames: unified name -> the source's column. A `text` column (used only when there
+is no `conversations`) becomes one answer after a human turn made of the `<image>` tokens.
+Per-record `category` is read only when `columns` maps it; otherwise it is the source's.
+
+Origins: `<file>:<line>` (1-based) for JSON and JSON Lines, `<file>#<row>` (0-based) for Parquet
+and HF datasets, `<file>` for image folders; `<file>` is relative to the recipe directory, and
+` id=<id>` follows when the input has its own id.
+
+Reject reasons (stable codes). Checks run in this order; a record gets the first that fails:
+    json_malformed                 the line (or array element) is not JSON; NaN/Infinity count
+    utf8_invalid                   the bytes are not UTF-8, or a string holds a lone surrogate
+    record_invalid                 not an object, or fields of the wrong type (`image` not a path,
+                                   a turn without `from`/`value` strings, an image given as
+                                   embedded bytes, a `mixed` source's record without `data_type`)
+    conversation_empty             no turns
+    conversation_not_alternating   must start with `human`, alternate human/gpt, end with `gpt`
+    image_token_mismatch           the `<image>` tokens in human turns are not one per image, or an
+                                   answer holds `<image>`. Strict on purpose: LLaVA would silently
+                                   prepend a token for a single image without one; we reject so the
+                                   data says what it means.
+    image_missing, image_unreadable, image_corrupt, image_truncated, image_too_large (pixels over
+    `source.max_pixels`: decompression bombs), image_path_escapes_root, image_path_invalid
+                                   from `recipec.ops.images` (a source without `images` has no root:
+                                   its image paths are `image_path_invalid`)
+    duplicate_id                   same source and content as an earlier record of the source (the
+                                   first is kept)
+
+Image inspection (a full decode of every image) is the slow part: it runs in `ctx.workers`
+processes, over blocks of records cut at fixed positions and reassembled in order, so the output
+never depends on the number of workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import itertools
+import json
+import math
+import os
+import posixpath
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterator
+
+import pyarrow as pa
+
+from recipec import ir, records
+from recipec.ops import images as imaging
+from recipec.ops.base import Chunk, OperationError, Reject, StepContext
+from recipec.ops.collect import canonical_json
+
+REASONS = frozenset({
+    "json_malformed", "utf8_invalid", "record_invalid", "conversation_empty", "conversation_not_alternating",
+    "image_token_mismatch", "duplicate_id", *imaging.REASONS,
+})
+
+BLOCK = 2048  # records per block: the unit of output chunks and of the workers' fixed-order batches
+PIECE = 64  # images per task sent to a worker
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+_CACHE_SIZE = 65_536  # inspected images remembered across blocks (records often share an image)
+_KNOWN_FIELDS = {"id", "image", "images", "conversations", "data_type", "category", "image_tags",
+                 "instruction_tags", "scores", "text"}
+
+
+class _Bad(Exception):
+    """A record-level problem found while reading a record."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class _Raw:
+    """One input item before validation: where it is, its text as read, and the parsed value."""
+
+    origin: str
+    text: str
+    value: Any = None
+    problem: _Bad | None = None  # set when the item could not even be parsed
+
+
+@dataclass
+class _Candidate:
+    """A structurally valid record whose images still need inspecting."""
+
+    origin: str
+    text: str
+    image_paths: list[str]
+    conversations: list[dict[str, str]]
+    data_type: str
+    category: str
+    image_tags: list[str] = field(default_factory=list)
+    instruction_tags: list[str] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+# ---- the operation ------------------------------------------------------------------------------
+
+
+def run(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
+    source = ir.Source.model_validate(ctx.params["source"])
+    recipe_dir = Path(ctx.recipe_dir)
+    folder = image_root(source)
+    root = _resolve(recipe_dir, folder) if folder else None
+    raws = _read(source, recipe_dir)
+    with _Inspector(root, source.max_pixels, ctx.workers) as inspector:
+        assembler = _Assembler(source, ctx.step_id)
+        pending: collections.deque[tuple[list[_Candidate | Reject], _Results]] = collections.deque()
+        for block in _blocks(raws, BLOCK):
+            items = [_validate(raw, source) for raw in block]
+            paths = [p for item in items if isinstance(item, _Candidate) for p in item.image_paths]
+            pending.append((items, inspector.submit(paths)))
+            if len(pending) > 1:  # one block in flight while the next is parsed
+                items, results = pending.popleft()
+                yield assembler.chunk(items, results())
+        while pending:
+            items, results = pending.popleft()
+            yield assembler.chunk(items, results())
+
+
+_Results = Callable[[], dict[str, Any]]  # path -> ImageInfo | (reason, detail), once ready
+
+
+class _Assembler:
+    """Turns validated items plus image results into record tables, keeping ids unique per source."""
+
+    def __init__(self, source: ir.Source, step_id: str):
+        self.source = source
+        self.step_id = step_id
+        self.seen: dict[str, str] = {}  # id -> origin of the record kept
+
+    def chunk(self, items: list[_Candidate | Reject], images: dict[str, Any]) -> Chunk:
+        rows: list[dict[str, Any]] = []
+        rejects: list[Reject] = []
+        for item in items:
+            if isinstance(item, Reject):
+                rejects.append(item)
+                continue
+            infos = []
+            failed: tuple[str, str] | None = None
+            for path in item.image_paths:
+                result = images[path]
+                if isinstance(result, tuple):
+                    failed = result
+                    break
+                infos.append(result)
+            if failed:
+                rejects.append(self.reject(item, *failed))
+                continue
+            image_dicts = [{"path": i.path, "sha256": i.sha256, "width": i.width, "height": i.height} for i in infos]
+            rid = records.record_id(self.source.name, image_dicts, item.conversations)
+            if rid in self.seen:
+                rejects.append(self.reject(item, "duplicate_id", f"same content as the record at {self.seen[rid]}", rid))
+                continue
+            self.seen[rid] = item.origin
+            rows.append({
+                "id": rid, "source": self.source.name, "origin": item.origin, "images": image_dicts,
+                "conversations": item.conversations, "category": item.category, "data_type": item.data_type,
+                "image_tags": item.image_tags, "instruction_tags": item.instruction_tags,
+                "scores": sorted(item.scores.items()), "provenance": [self.step_id],
+            })
+        table = pa.Table.from_pylist(rows, schema=records.SCHEMA)
+        return Chunk(records=table, rejects=rejects, consumed=len(items))
+
+    def reject(self, item: _Candidate, reason: str, detail: str, rid: str = "") -> Reject:
+        return Reject(reason=reason, detail=detail, id=rid, source=self.source.name, origin=item.origin,
+                      record=item.text)
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+
+def _resolve(recipe_dir: Path, path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else recipe_dir / p
+
+
+def _shown(path: Path, recipe_dir: Path) -> str:
+    """A file as origins show it: relative to the recipe directory, POSIX."""
+    return Path(os.path.relpath(path, recipe_dir)).as_posix()
+
+
+def _matches(source: ir.Source, recipe_dir: Path, *, dirs: bool = False) -> list[Path]:
+    found: set[Path] = set()
+    for pattern in source.paths:
+        hits = [Path(h) for h in glob.glob(str(_resolve(recipe_dir, pattern)), recursive=True)]
+        if dirs:
+            hits = [h for h in hits if h.is_dir()]
+        if not hits:
+            raise OperationError(f"source `{source.name}`: nothing matches {pattern!r} (relative to {recipe_dir})")
+        found.update(hits)
+    return sorted(found, key=lambda p: p.as_posix())
+
+
+def _read(source: ir.Source, recipe_dir: Path) -> Iterator[_Raw | _Candidate]:
+    if source.format == "image_folder":
+        return _image_folder(source, recipe_dir)
+    if source.format == "hf_dataset":
+        return _hf_datasets(source, recipe_dir)
+    readers = {"llava_json": _json_file, "llava_jsonl": _jsonl_file, "parquet": _parquet_file}
+    reader = readers[source.format]
+
+    def items() -> Iterator[_Raw]:
+        for path in _matches(source, recipe_dir):
+            if path.is_dir():
+                raise OperationError(f"source `{source.name}`: {_shown(path, recipe_dir)} is a folder, "
+                                     f"not a {source.format} file")
+            yield from reader(path, _shown(path, recipe_dir))
+
+    return items()
+
+
+def _constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_constant)
+
+
+def _parse(text: str) -> Any:
+    value, end = _DECODER.raw_decode(text, _skip_ws(text, 0))
+    if _skip_ws(text, end) != len(text):
+        raise ValueError(f"extra data after the JSON value at column {end + 1}")
+    return value
+
+
+def _jsonl_file(path: Path, shown: str) -> Iterator[_Raw]:
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            yield from _jsonl_line(line, f"{shown}:{number}")
+
+
+def _jsonl_line(line: bytes, origin: str) -> Iterator[_Raw]:
+    if not line.strip():
+        return  # a blank line is not a record
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raw = line.rstrip(b"\r\n").decode("utf-8", "backslashreplace")
+        bad = line[e.start:e.start + 1]
+        yield _Raw(origin, raw, problem=_Bad("utf8_invalid", f"byte {e.start + 1} is not UTF-8 ({bad!r})"))
+        return
+    text = text.strip().lstrip("\ufeff")
+    try:
+        value = _parse(text)
+    except ValueError as e:  # JSONDecodeError is a ValueError
+        yield _Raw(origin, text, problem=_Bad("json_malformed", str(e)))
+        return
+    yield _Raw(origin, text, value)
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    n = len(text)
+    while pos < n and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _json_file(path: Path, shown: str) -> Iterator[_Raw]:
+    """A JSON array, element by element, with the line each element starts on.
+
+    A malformed element is rejected and reading resumes at the next line whose first character is
+    a `{` in the column where the array's elements start (so one record per line and pretty-printed
+    arrays both recover); the skipped text is one reject. A missing or extra comma between elements
+    is forgiven. A file that does not start with `[` is read as JSON Lines.
+    """
+    data = path.read_bytes()
+    text = data.decode("utf-8", "surrogateescape").lstrip("\ufeff")  # bad bytes become lone surrogates
+    pos = _skip_ws(text, 0)
+    if not text.startswith("[", pos):
+        for number, line in enumerate(data.split(b"\n"), start=1):
+            yield from _jsonl_line(line, f"{shown}:{number}")
+        return
+    lines = _LineCounter(text)
+    pos += 1
+    column: int | None = None  # where elements start on their line
+    while True:
+        pos = _skip_ws(text, pos)
+        while pos < len(text) and text[pos] == ",":
+            pos = _skip_ws(text, pos + 1)
+        if pos >= len(text):
+            yield _Raw(f"{shown}:{lines.at(pos)}", "",
+                       problem=_Bad("json_malformed", "the file ends before the array is closed"))
+            return
+        if text[pos] == "]":
+            rest = _skip_ws(text, pos + 1)
+            if rest < len(text):
+                yield _Raw(f"{shown}:{lines.at(rest)}", text[rest:rest + 200],
+                           problem=_Bad("json_malformed", "text after the end of the array"))
+            return
+        if column is None:
+            column = pos - (text.rfind("\n", 0, pos) + 1)
+        origin = f"{shown}:{lines.at(pos)}"
+        try:
+            value, end = _DECODER.raw_decode(text, pos)
+        except ValueError as e:
+            resume = _resume(text, pos, column)
+            yield _Raw(origin, _printable(text[pos:resume].rstrip()), problem=_Bad("json_malformed", str(e)))
+            pos = resume
+            continue
+        raw = text[pos:end]
+        try:
+            raw.encode("utf-8")
+        except UnicodeEncodeError as e:
+            yield _Raw(origin, _printable(raw),
+                       problem=_Bad("utf8_invalid", f"character {e.start + 1} of the element is not UTF-8"))
+        else:
+            yield _Raw(origin, raw, value)
+        pos = end
+
+
+def _resume(text: str, pos: int, column: int) -> int:
+    """The start of the next line holding an element start (`{` at `column`), or the array's end."""
+    while True:
+        newline = text.find("\n", pos)
+        if newline == -1:
+            return len(text)
+        pos = newline + 1
+        start = pos + column
+        if text.startswith("{", start) and not text[pos:start].strip():
+            return start
+        if text[pos:].lstrip().startswith("]"):
+            return _skip_ws(text, pos)
+
+
+def _printable(text: str) -> str:
+    """Text with lone surrogates (from undecodable bytes) shown as escapes, so it can be stored."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+class _LineCounter:
+    """Line numbers of increasing positions in one text, counted incrementally."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.pos = 0
+        self.line = 1
+
+    def at(self, pos: int) -> int:
+        if pos < self.pos:
+            return self.text.count("\n", 0, pos) + 1
+        self.line += self.text.count("\n", self.pos, pos)
+        self.pos = pos
+        return self.line
+
+
+def _parquet_file(path: Path, shown: str) -> Iterator[_Raw]:
+    import pyarrow.parquet as pq
+
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=BLOCK):
+        for value in batch.to_pylist():
+            yield _Raw(f"{shown}#{row}", canonical_json(value), value)
+            row += 1
+
+
+def _hf_datasets(source: ir.Source, recipe_dir: Path) -> Iterator[_Raw]:
+    for folder in _matches(source, recipe_dir, dirs=True):
+        yield from _hf_dataset(folder, _shown(folder, recipe_dir), source.name)
+
+
+def _hf_dataset(folder: Path, shown: str, name: str) -> Iterator[_Raw]:
+    """Rows of a `save_to_disk` folder, read with pyarrow (no `datasets` needed)."""
+    dict_file = folder / "dataset_dict.json"
+    if dict_file.is_file():
+        splits = json.loads(dict_file.read_text(encoding="utf-8")).get("splits", [])
+        for split in splits:
+            yield from _hf_dataset(folder / split, f"{shown}/{split}", name)
+        return
+    state_file = folder / "state.json"
+    if not state_file.is_file():
+        raise OperationError(f"source `{name}`: {shown} is not a saved HF dataset (no state.json or dataset_dict.json)")
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    row = 0
+    for entry in state.get("_data_files", []):
+        try:
+            arrow = imaging.resolve_inside(folder, entry["filename"])
+        except imaging.ImageReject as e:
+            raise OperationError(f"source `{name}`: {shown}/state.json names a bad data file: {e.detail}") from None
+        with pa.memory_map(str(arrow)) as f:
+            try:
+                reader = pa.ipc.open_stream(f)
+            except pa.ArrowInvalid:
+                f.seek(0)
+                reader = pa.ipc.open_file(f)
+            batches = reader if isinstance(reader, pa.ipc.RecordBatchStreamReader) else \
+                (reader.get_batch(i) for i in range(reader.num_record_batches))
+            for batch in batches:
+                for value in batch.to_pylist():
+                    yield _Raw(f"{shown}#{row}", canonical_json(value), value)
+                    row += 1
+
+
+def _image_folder(source: ir.Source, recipe_dir: Path) -> Iterator[_Candidate | _Raw]:
+    """One record per image file: the image alone, no conversation."""
+    root = _resolve(recipe_dir, image_root(source) or ".")
+    for pattern in source.paths:
+        base = _resolve(recipe_dir, pattern)
+        if base.is_dir():
+            files = [p for p in base.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        else:
+            files = [Path(h) for h in glob.glob(str(base), recursive=True) if Path(h).is_file()]
+        if not files:
+            raise OperationError(f"source `{source.name}`: no image matches {pattern!r} (relative to {recipe_dir})")
+        for path in sorted(files, key=lambda p: p.as_posix()):
+            shown = _shown(path, recipe_dir)
+            relative = Path(os.path.relpath(path, root)).as_posix()
+            if relative == ".." or relative.startswith("../"):
+                yield _Raw(shown, canonical_json({"image": shown}),
+                           problem=_Bad("image_path_escapes_root", f"{shown} is outside the image root {str(root)!r}"))
+                continue
+            yield _Candidate(origin=shown, text=canonical_json({"image": relative}), image_paths=[relative],
+                             conversations=[], data_type=_source_type(source), category=source.category)
+
+
+def image_root(source: ir.Source) -> str | None:
+    """The folder a source's image paths are relative to (relative to the recipe, or absolute).
+
+    `images` when given; for an image folder without it, the folder its paths name (the common
+    part before any wildcard), so `path = "photos"` or `"photos/**/*.jpg"` gives `photos`.
+    """
+    if source.images or source.format != "image_folder":
+        return source.images
+    prefixes = []
+    for pattern in source.paths:
+        parts = PurePosixPath(pattern).parts
+        fixed = [p for p in itertools.takewhile(lambda p: not glob.has_magic(p), parts)]
+        prefixes.append(posixpath.join(*fixed) if fixed else ".")
+    return posixpath.commonpath(prefixes) if len(prefixes) > 1 else prefixes[0]
+
+
+def _source_type(source: ir.Source) -> str:
+    return source.data_type if source.data_type != "mixed" else "general"
+
+
+def _blocks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    block: list[Any] = []
+    for item in items:
+        block.append(item)
+        if len(block) == size:
+            yield block
+            block = []
+    if block:
+        yield block
+
+
+# ---- validating ---------------------------------------------------------------------------------
+
+
+def _validate(item: _Raw | _Candidate, source: ir.Source) -> _Candidate | Reject:
+    if isinstance(item, _Candidate):
+        return item
+    origin = item.origin
+    try:
+        if item.problem is not None:
+            raise item.problem
+        value = item.value
+        if not isinstance(value, dict):
+            raise _Bad("record_invalid", f"a record must be a JSON object, not {_kind(value)}")
+        own_id = value.get(source.columns.get("id", "id"))
+        if isinstance(own_id, (str, int)) and not isinstance(own_id, bool):
+            origin = f"{origin} id={own_id}"
+        return _candidate(value, source, origin, item.text)
+    except _Bad as bad:
+        return Reject(reason=bad.reason, detail=bad.detail, source=source.name, origin=origin, record=item.text)
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def _column(value: dict[str, Any], source: ir.Source, name: str) -> Any:
+    return value.get(source.columns.get(name, name))
+
+
+def _candidate(value: dict[str, Any], source: ir.Source, origin: str, text: str) -> _Candidate:
+    paths = _image_paths(value, source)
+    conversations = _conversations(value, source, len(paths))
+    for i, turn in enumerate(conversations, start=1):
+        _check_text(turn["value"], f"turn {i}")
+    for path in paths:
+        _check_text(path, "an image path")
+    if source.format != "image_folder":
+        _check_dialogue(conversations)
+        _check_tokens(conversations, len(paths))
+    return _Candidate(
+        origin=origin, text=text, image_paths=paths, conversations=conversations,
+        data_type=_data_type(value, source), category=_category(value, source),
+        image_tags=_strings(value, "image_tags"), instruction_tags=_strings(value, "instruction_tags"),
+        scores=_scores(value, source),
+    )
+
+
+def _image_paths(value: dict[str, Any], source: ir.Source) -> list[str]:
+    keys = [source.columns[k] for k in ("image", "images") if k in source.columns] or ["image", "images"]
+    given = [(k, value[k]) for k in keys if value.get(k) is not None]
+    if len(given) > 1:
+        raise _Bad("record_invalid", f"both `{given[0][0]}` and `{given[1][0]}` are set; give the images once")
+    if not given:
+        return []
+    key, raw = given[0]
+    items = raw if isinstance(raw, list) else [raw]
+    paths = []
+    for item in items:
+        if isinstance(item, dict):  # an HF `Image` feature: {"bytes": ..., "path": ...}
+            if isinstance(item.get("path"), str) and item["path"]:
+                item = item["path"]
+            else:
+                raise _Bad("record_invalid", f"`{key}` holds embedded image bytes; store the images as files under "
+                                             "the source's `images` folder")
+        if not isinstance(item, str):
+            raise _Bad("record_invalid", f"`{key}` must be a path or a list of paths, not {_kind(item)}")
+        paths.append(item)
+    return paths
+
+
+def _conversations(value: dict[str, Any], source: ir.Source, n_images: int) -> list[dict[str, str]]:
+    key = source.columns.get("conversations", "conversations")
+    turns = value.get(key)
+    if turns is None and "text" in source.columns:
+        text = value.get(source.columns["text"])
+        if not isinstance(text, str):
+            raise _Bad("record_invalid", f"`{source.columns['text']}` must be a string, not {_kind(text)}")
+        if n_images == 0:
+            raise _Bad("record_invalid", "a `text` column makes a caption, which needs an image")
+        return [{"from": records.USER, "value": "\n".join([records.IMAGE_TOKEN] * n_images)},
+                {"from": records.ASSISTANT, "value": text}]
+    if turns is None:
+        if source.format == "image_folder":
+            return []
+        raise _Bad("conversation_empty", f"no `{key}`")
+    if not isinstance(turns, list):
+        raise _Bad("record_invalid", f"`{key}` must be a list of turns, not {_kind(turns)}")
+    result = []
+    for i, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or not isinstance(turn.get("value"), str):
+            raise _Bad("record_invalid", f"turn {i} must be an object with `from` and `value` strings")
+        result.append({"from": turn["from"], "value": turn["value"]})
+    return result
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _Bad("utf8_invalid", f"{where} holds a lone surrogate at character {e.start + 1}") from None
+
+
+def _check_dialogue(turns: list[dict[str, str]]) -> None:
+    if not turns:
+        raise _Bad("conversation_empty", "the conversation has no turns")
+    for i, turn in enumerate(turns):
+        expected = records.USER if i % 2 == 0 else records.ASSISTANT
+        if turn["from"] != expected:
+            raise _Bad("conversation_not_alternating",
+                       f"turn {i + 1} is from {turn['from']!r}, expected {expected!r} (human first, then alternating)")
+    if len(turns) % 2:
+        raise _Bad("conversation_not_alternating", f"the last turn ({len(turns)}) is a question with no answer")
+
+
+def _check_tokens(turns: list[dict[str, str]], n_images: int) -> None:
+    asked = sum(t["value"].count(records.IMAGE_TOKEN) for t in turns if t["from"] == records.USER)
+    answered = sum(t["value"].count(records.IMAGE_TOKEN) for t in turns if t["from"] != records.USER)
+    if answered:
+        raise _Bad("image_token_mismatch", f"an answer holds {records.IMAGE_TOKEN}")
+    if asked != n_images:
+        tokens = f"{asked} {records.IMAGE_TOKEN} token{'s' if asked != 1 else ''}"
+        raise _Bad("image_token_mismatch", f"{tokens} for {n_images} image{'s' if n_images != 1 else ''}")
+
+
+def _data_type(value: dict[str, Any], source: ir.Source) -> str:
+    given = _column(value, source, "data_type")
+    if isinstance(given, str) and given in ir.DATA_TYPES:
+        return given
+    if source.data_type == "mixed":
+        raise _Bad("record_invalid", f"source `{source.name}` is of mixed type, so each record needs a `data_type` "
+                                     f"among {', '.join(ir.DATA_TYPES)}; got {given!r}")
+    return source.data_type
+
+
+def _category(value: dict[str, Any], source: ir.Source) -> str:
+    if "category" in source.columns:
+        given = value.get(source.columns["category"])
+        if isinstance(given, str) and given in ir.CATEGORIES:
+            return given
+    return source.category
+
+
+def _strings(value: dict[str, Any], key: str) -> list[str]:
+    given = value.get(key)
+    if given is None:
+        return []
+    if not isinstance(given, list) or not all(isinstance(s, str) for s in given):
+        raise _Bad("record_invalid", f"`{key}` must be a list of strings")
+    for s in given:
+        _check_text(s, f"`{key}`")
+    return list(given)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _scores(value: dict[str, Any], source: ir.Source) -> dict[str, float]:
+    mapped = set(source.columns.values())
+    scores = {k: float(v) for k, v in value.items()
+              if k not in _KNOWN_FIELDS and k not in mapped and _is_number(v)}
+    given = value.get("scores")
+    if isinstance(given, dict):
+        scores.update({k: float(v) for k, v in given.items() if isinstance(k, str) and _is_number(v)})
+    elif given is not None:
+        raise _Bad("record_invalid", "`scores` must be an object of numbers")
+    return scores
+
+
+# ---- images -------------------------------------------------------------------------------------
+
+
+def _inspect_piece(root: str | None, paths: list[str], max_pixels: int) -> list[imaging.ImageInfo | tuple[str, str]]:
+    """Worker: inspect images; a reject comes back as (reason, detail)."""
+    results: list[imaging.ImageInfo | tuple[str, str]] = []
+    for path in paths:
+        if root is None:
+            results.append(("image_path_invalid", f"{path!r}: the source declares no `images` folder"))
+            continue
+        try:
+            results.append(imaging.inspect_image(Path(root), path, max_pixels=max_pixels))
+        except imaging.ImageReject as e:
+            results.append((e.reason, e.detail))
+    return results
+
+
+class _Inspector:
+    """Inspects images inline or in a process pool; remembers recent results (shared images)."""
+
+    def __init__(self, root: Path | None, max_pixels: int, workers: int):
+        self.root = str(root) if root is not None else None
+        self.max_pixels = max_pixels
+        self.workers = max(1, workers)
+        self.pool: ProcessPoolExecutor | None = None
+        self.cache: collections.OrderedDict[str, Any] = collections.OrderedDict()
+
+    def __enter__(self) -> "_Inspector":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, paths: list[str]) -> _Results:
+        """Start inspecting `paths`; returns a callable giving {path: ImageInfo | (reason, detail)}."""
+        todo = list(dict.fromkeys(p for p in paths if p not in self.cache))
+        known = {p: self.cache[p] for p in paths if p in self.cache}
+        if self.workers == 1 or len(todo) <= PIECE:
+            done = dict(zip(todo, _inspect_piece(self.root, todo, self.max_pixels)))
+            return self._remember(known, todo, lambda: done)
+        if self.pool is None:
+            # spawn: safe whatever the parent holds (threads, a GPU context)
+            self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"))
+        pieces = [todo[i:i + PIECE] for i in range(0, len(todo), PIECE)]
+        futures = [self.pool.submit(_inspect_piece, self.root, piece, self.max_pixels) for piece in pieces]
+
+        def gather() -> dict[str, Any]:
+            return {p: r for piece, f in zip(pieces, futures) for p, r in zip(piece, f.result())}
+
+        return self._remember(known, todo, gather)
+
+    def _remember(self, known: dict[str, Any], todo: list[str], fetch: _Results) -> _Results:
+        def results() -> dict[str, Any]:
+            fresh = fetch()
+            for path in todo:
+                self.cache[path] = fresh[path]
+                self.cache.move_to_end(path)
+            while len(self.cache) > _CACHE_SIZE:
+                self.cache.popitem(last=False)
+            return {**known, **fresh}
+
+        return results

@@ -1,0 +1,27 @@
+"""The installed operations by plan op name: `OPERATIONS[op](ctx, input_tables) -> Iterator[Chunk]`.
+
+One line per op; a plan step whose op is missing here cannot run (the executor says so up front).
+Model-backed ops (tagging, synthesis, scoring, training) are registered by their modules' owners.
+"""
+
+from __future__ import annotations
+
+from recipec.ops import clean, collect, cuts, dedup, export, ingest, mix
+from recipec.ops.base import Operation
+
+OPERATIONS: dict[str, Operation] = {
+    "ingest": ingest.run,
+    "collect": collect.run,
+    "dedup_exact": dedup.run_exact,
+    "dedup_phash": dedup.run_phash,
+    "clean": clean.run,
+    "threshold": cuts.run_threshold,
+    "percentile": cuts.run_percentile,
+    "mix": mix.run,
+    "export": export.run,
+}
+
+# Every reason a data op here may give a reject (stable codes; `clean_*`, `threshold_<field>` and
+# `percentile_<field>` are families). Skipped (not rejected) by mix: not_selected, not_in_stage.
+REJECT_REASONS: frozenset[str] = frozenset(
+    ingest.REASONS | dedup.REASONS | clean.REASONS | {"score_missing"})

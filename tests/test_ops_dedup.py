@@ -1,0 +1,169 @@
+"""recipec.ops.dedup: exact and pHash duplicates, which copy is kept, conservation, determinism."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from recipec import records
+from recipec.ops import dedup, hamming
+from recipec.ops.base import OperationError, StepContext
+
+
+def smooth(seed: int, size: int = 128) -> Image.Image:
+    """A smooth random picture: low-resolution noise scaled up, so resized copies keep their pHash."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+    return small.resize((size, size), Image.BICUBIC)
+
+
+def save(img: Image.Image, path: Path, fmt: str = "PNG") -> dict[str, Any]:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+    return {"path": path.name, "sha256": hashlib.sha256(buf.getvalue()).hexdigest(), "width": img.width,
+            "height": img.height}
+
+
+def rec(source: str, i: int, images: list[dict[str, Any]] | None = None, text: str | None = None) -> dict[str, Any]:
+    images = images or []
+    conv = [{"from": "human", "value": "<image>\n" * len(images) + (text or f"question {i}")},
+            {"from": "gpt", "value": f"answer {text or i}"}]
+    return {"id": records.record_id(source, images, conv), "source": source, "origin": f"{source}:{i}",
+            "images": images, "conversations": conv, "category": "other", "data_type": "general", "image_tags": [],
+            "instruction_tags": [], "scores": [], "provenance": ["ingest"]}
+
+
+def run(op, params: dict[str, Any], rows: list[dict[str, Any]], recipe_dir: Path, workers: int = 1):
+    ctx = StepContext(f"filter.{params.get('name', 'x')}", "dedup", params, "f", recipe_dir, workers=workers)
+    table = pa.Table.from_pylist(rows, schema=records.SCHEMA)
+    chunks = list(op(ctx, [table]))
+    out = pa.concat_tables([c.records for c in chunks])
+    rejects = [r for c in chunks for r in c.rejects]
+    assert sum(c.consumed for c in chunks) == len(rows) == out.num_rows + len(rejects)  # conservation
+    return out, rejects
+
+
+def fake_image(name: str) -> dict[str, Any]:
+    return {"path": f"{name}.png", "sha256": hashlib.sha256(name.encode()).hexdigest(), "width": 10, "height": 10}
+
+
+# ---- exact --------------------------------------------------------------------------------------
+
+
+def test_exact_keeps_the_first_in_collect_order(tmp_path: Path) -> None:
+    cat, dog = fake_image("cat"), fake_image("dog")
+    rows = [rec("a", 0, [cat], "same"), rec("a", 1, [dog], "same"), rec("b", 0, [cat], "same"),
+            rec("b", 1, [cat], "other"), rec("c", 0, [cat], "same"), rec("b", 2, None, "t"), rec("a", 2, None, "t")]
+    out, rejects = run(dedup.run_exact, {"by": ["image", "text"], "on": ["a", "b"]}, rows, tmp_path)
+    assert [(r.origin, r.reason) for r in rejects] == [("b:0", "exact_duplicate"), ("a:2", "exact_duplicate")]
+    assert rejects[0].detail == f"same image and text as {rows[0]['id']}"
+    assert "c:0" in out.column("origin").to_pylist()  # not in `on`: untouched
+    provenance = dict(zip(out.column("origin").to_pylist(), out.column("provenance").to_pylist()))
+    assert provenance["a:0"] == ["ingest", "filter.x"] and provenance["c:0"] == ["ingest"]
+
+
+def test_exact_by_image_or_by_text(tmp_path: Path) -> None:
+    cat = fake_image("cat")
+    rows = [rec("a", 0, [cat], "one"), rec("a", 1, [cat], "two"), rec("a", 2, None, "t"), rec("b", 3, None, "t")]
+    _, rejects = run(dedup.run_exact, {"by": ["image"], "on": None}, rows, tmp_path)
+    assert [r.origin for r in rejects] == ["a:1"]  # text-only records have no image key: they pass
+    _, rejects = run(dedup.run_exact, {"by": ["text"], "on": None}, rows, tmp_path)
+    assert [r.origin for r in rejects] == ["b:3"]
+
+
+# ---- pHash --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    a_dir, b_dir = tmp_path / "a_images", tmp_path / "b_images"
+    originals = [smooth(s) for s in range(6)]
+    a = [save(img, a_dir / f"a{i}.png") for i, img in enumerate(originals)]
+    near = save(originals[0].resize((200, 200), Image.LANCZOS), b_dir / "b_big.png")  # bigger copy of a0
+    jpeg = save(originals[2], b_dir / "b_jpeg.jpg", "JPEG")  # recompressed copy of a2
+    fresh = save(smooth(99), b_dir / "b_new.png")
+    rows = [rec("a", i, [img]) for i, img in enumerate(a)]
+    rows += [rec("b", 0, [near]), rec("b", 1, [jpeg, a[3]], text="two images"), rec("b", 2, [fresh]),
+             rec("b", 3, None, "text only")]
+    return rows, {"a": "a_images", "b": "b_images"}
+
+
+def test_phash_keeps_the_first(tmp_path: Path, corpus) -> None:
+    rows, roots = corpus
+    out, rejects = run(dedup.run_phash, {"max_distance": 4, "keep": "first", "on": ["a", "b"], "roots": roots},
+                       rows, tmp_path)
+    assert [(r.origin, r.reason) for r in rejects] == [("b:0", "near_duplicate"), ("b:1", "near_duplicate")]
+    assert rejects[0].detail.startswith(f"kept {rows[0]['id']} (distance ")
+    assert rejects[1].detail.startswith(f"kept {rows[2]['id']} (distance ")
+    assert {"b:2", "b:3"} <= set(out.column("origin").to_pylist())
+
+
+def test_phash_keeps_the_largest(tmp_path: Path, corpus) -> None:
+    rows, roots = corpus
+    _, rejects = run(dedup.run_phash, {"max_distance": 4, "keep": "largest", "on": None, "roots": roots},
+                     rows, tmp_path)
+    assert rejects[0].origin == "a:0" and rejects[0].detail.startswith(f"kept {rows[6]['id']}")
+
+
+def test_phash_only_judges_on(tmp_path: Path, corpus) -> None:
+    rows, roots = corpus
+    _, rejects = run(dedup.run_phash, {"max_distance": 4, "keep": "first", "on": ["b"], "roots": roots}, rows, tmp_path)
+    assert rejects == []
+
+
+def test_phash_same_output_for_any_number_of_workers(tmp_path: Path, corpus) -> None:
+    rows, roots = corpus
+    params = {"max_distance": 4, "keep": "first", "on": None, "roots": roots}
+    one = run(dedup.run_phash, params, rows, tmp_path, workers=1)
+    two = run(dedup.run_phash, params, rows, tmp_path, workers=2)
+    assert one[0].equals(two[0]) and [r.detail for r in one[1]] == [r.detail for r in two[1]]
+
+
+def test_phash_rejects_an_image_gone_since_ingest(tmp_path: Path, corpus) -> None:
+    rows, roots = corpus
+    (tmp_path / "a_images" / "a4.png").unlink()
+    (tmp_path / "a_images" / "a5.png").write_bytes(b"garbage")
+    _, rejects = run(dedup.run_phash, {"max_distance": 4, "keep": "first", "on": None, "roots": roots}, rows, tmp_path)
+    reasons = {r.origin: r.reason for r in rejects}
+    assert reasons["a:4"] == "image_missing" and reasons["a:5"] == "image_corrupt"
+
+
+def test_phash_needs_the_roots(tmp_path: Path, corpus) -> None:
+    rows, _ = corpus
+    with pytest.raises(OperationError, match="no image folder"):
+        run(dedup.run_phash, {"max_distance": 4, "keep": "first", "on": None, "roots": {"a": "a_images"}}, rows, tmp_path)
+
+
+# ---- the keep rule and the radius search --------------------------------------------------------
+
+
+def test_a_dropped_record_does_not_drop_its_neighbours() -> None:
+    a = 0
+    b = a ^ 0b111  # 3 bits from a
+    c = b ^ (0b111 << 10)  # 3 bits from b, 6 from a
+    result = dedup.near_duplicates(np.array([a, b, c], dtype=np.uint64), 4)
+    assert result == [(1, 0, 3)]  # b goes (kept a); c stays: b, its only near neighbour, is gone
+
+
+def test_largest_first_priority() -> None:
+    hashes = np.array([0, 1, 3], dtype=np.uint64)
+    assert dedup.near_duplicates(hashes, 2, areas=np.array([10, 30, 20])) == [(2, 1, 1), (0, 1, 1)]
+
+
+def test_chains_and_clusters_agree_when_pairs_are_isolated() -> None:
+    rng = np.random.default_rng(7)
+    hashes = rng.integers(0, 2**63, size=200, dtype=np.uint64)
+    copies = hashes[:40] ^ np.uint64(0b101)  # 2 bits away; random hashes are ~32 bits apart
+    everything = np.concatenate([hashes, copies])
+    dropped = {loser for loser, _, _ in dedup.near_duplicates(everything, 4)}
+    kept = hamming.duplicate_clusters(everything, 4, np.arange(len(everything)))
+    assert dropped == {i for i in range(len(everything)) if kept[i] != i} == set(range(200, 240))

@@ -1,0 +1,301 @@
+"""recipec.ops.ingest: formats, every reject reason, origins, conservation, determinism across workers."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from recipec import records
+from recipec.ops import ingest
+from recipec.ops.base import OperationError, StepContext
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+def png(w: int = 40, h: int = 30, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def qa(question: str = "What is shown?", answer: str = "A picture.", images: int = 1) -> list[dict[str, str]]:
+    return [{"from": "human", "value": "<image>\n" * images + question}, {"from": "gpt", "value": answer}]
+
+
+def source(name: str = "src", fmt: str = "llava_jsonl", paths: tuple[str, ...] = ("data/*.jsonl",),
+           images: str | None = "images", **extra: Any) -> dict[str, Any]:
+    return {"name": name, "format": fmt, "paths": list(paths), "images": images, "category": "comprehensive",
+            "data_type": extra.pop("data_type", "general"), **extra}
+
+
+def run(tmp_path: Path, src: dict[str, Any], workers: int = 1) -> tuple[pa.Table, list, int]:
+    ctx = StepContext(step_id=f"ingest.{src['name']}", op="ingest", params={"source": src}, fingerprint="f",
+                      recipe_dir=tmp_path, workers=workers)
+    chunks = list(ingest.run(ctx, []))
+    table = pa.concat_tables([c.records for c in chunks]) if chunks else records.empty_table()
+    rejects = [r for c in chunks for r in c.rejects]
+    consumed = sum(c.consumed for c in chunks)
+    assert consumed == table.num_rows + len(rejects)  # conservation
+    assert not any(c.skipped for c in chunks)
+    assert table.schema.equals(records.SCHEMA)
+    return table, rejects, consumed
+
+
+def write_lines(path: Path, lines: list[bytes | dict | str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = []
+    for line in lines:
+        if isinstance(line, dict):
+            line = json.dumps(line, ensure_ascii=False)
+        out.append(line if isinstance(line, bytes) else line.encode("utf-8"))
+    path.write_bytes(b"\n".join(out) + b"\n")
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(4):
+        (root / f"ok{i}.png").write_bytes(png(seed=i))
+    (root / "sub").mkdir()
+    (root / "sub" / "deep.png").write_bytes(png(seed=9))
+    return root
+
+
+# ---- every reason -------------------------------------------------------------------------------
+
+
+def test_every_reject_reason_has_a_fixture(tmp_path: Path, images: Path) -> None:
+    good = png(seed=5)
+    (images / "truncated.png").write_bytes(good[: len(good) // 2])
+    (images / "corrupt.png").write_bytes(b"this is not an image at all" * 10)
+    (images / "bomb.png").write_bytes(png_bomb(5000, 5000))
+    (images / "folder.png").mkdir()  # not a regular file
+    lines: list[tuple[str, bytes | dict | str]] = [
+        ("ok", {"image": "ok0.png", "conversations": qa()}),
+        ("json_malformed", '{"image": "ok1.png", "conversations": [}'),
+        ("json_malformed", '{"image": "ok1.png", "score": NaN, "conversations": []}'),
+        ("utf8_invalid", b'{"image": "ok1.png", "conversations": [{"from": "human", "value": "caf\xe9"}]}'),
+        ("utf8_invalid", json.dumps({"image": "ok1.png", "conversations": qa(answer="\\ud800")}).replace("\\\\ud800", "\\ud800")),
+        ("record_invalid", "[1, 2, 3]"),
+        ("record_invalid", {"image": 7, "conversations": qa()}),
+        ("record_invalid", {"image": "ok1.png", "conversations": [{"from": "human"}, {"from": "gpt", "value": "x"}]}),
+        ("record_invalid", {"image": {"bytes": "AAAA", "path": None}, "conversations": qa()}),
+        ("record_invalid", {"image": "ok1.png", "images": ["ok2.png"], "conversations": qa()}),
+        ("conversation_empty", {"image": "ok1.png", "conversations": []}),
+        ("conversation_empty", {"image": "ok1.png"}),
+        ("conversation_not_alternating", {"image": "ok1.png", "conversations": qa()[::-1]}),
+        ("conversation_not_alternating", {"image": "ok1.png", "conversations": qa() + [{"from": "human", "value": "and?"}]}),
+        ("conversation_not_alternating", {"image": "ok1.png", "conversations": [{"from": "user", "value": "<image>"}, {"from": "gpt", "value": "x"}]}),
+        ("image_token_mismatch", {"image": "ok1.png", "conversations": qa(images=0)}),
+        ("image_token_mismatch", {"image": "ok1.png", "conversations": qa(images=2)}),
+        ("image_token_mismatch", {"images": ["ok1.png", "ok2.png"], "conversations": qa(images=1)}),
+        ("image_token_mismatch", {"conversations": qa(images=1)}),
+        ("image_token_mismatch", {"image": "ok1.png", "conversations": qa(answer="see <image>")}),
+        ("image_missing", {"image": "nowhere.png", "conversations": qa()}),
+        ("image_unreadable", {"image": "folder.png", "conversations": qa()}),
+        ("image_corrupt", {"image": "corrupt.png", "conversations": qa()}),
+        ("image_truncated", {"image": "truncated.png", "conversations": qa()}),
+        ("image_too_large", {"image": "bomb.png", "conversations": qa()}),
+        ("image_path_escapes_root", {"image": "../data/src.jsonl", "conversations": qa()}),
+        ("image_path_escapes_root", {"image": "/etc/passwd", "conversations": qa()}),
+        ("image_path_invalid", {"image": "a\\b.png", "conversations": qa()}),
+        ("image_path_invalid", {"image": "", "conversations": qa()}),
+        ("ok", {"image": "sub/../ok3.png", "conversations": qa(question="Another?")}),
+        ("duplicate_id", {"image": "ok0.png", "conversations": qa(), "id": "again"}),
+    ]
+    write_lines(tmp_path / "data" / "src.jsonl", [line for _, line in lines])
+    table, rejects, consumed = run(tmp_path, source(max_pixels=1_000_000))
+    assert consumed == len(lines)
+    expected = [(n + 1, reason) for n, (reason, _) in enumerate(lines) if reason != "ok"]
+    got = [(int(r.origin.split(":")[1].split()[0]), r.reason) for r in rejects]
+    assert got == expected
+    assert {reason for _, reason in expected} == ingest.REASONS  # every reason is exercised
+    assert table.column("origin").to_pylist() == ["data/src.jsonl:1", "data/src.jsonl:30"]
+    assert table.column("images").to_pylist()[1][0]["path"] == "ok3.png"  # normalised
+    for r in rejects:
+        assert r.source == "src" and r.detail and r.record
+    dup = rejects[-1]
+    assert dup.origin == "data/src.jsonl:31 id=again" and dup.id == table.column("id")[0].as_py()
+    assert "data/src.jsonl:1" in dup.detail
+
+
+def test_pixel_limit_comes_from_the_source(tmp_path: Path, images: Path) -> None:
+    write_lines(tmp_path / "data" / "a.jsonl", [{"image": "ok0.png", "conversations": qa()}])
+    _, rejects, _ = run(tmp_path, source(max_pixels=40 * 30 - 1))
+    assert [r.reason for r in rejects] == ["image_too_large"]
+    table, rejects, _ = run(tmp_path, source(max_pixels=40 * 30))
+    assert table.num_rows == 1 and not rejects
+
+
+def test_a_source_without_an_image_root_rejects_its_images(tmp_path: Path) -> None:
+    write_lines(tmp_path / "data" / "a.jsonl", [{"image": "x.png", "conversations": qa()},
+                                                {"conversations": qa(images=0)}])
+    table, rejects, _ = run(tmp_path, source(images=None))
+    assert [r.reason for r in rejects] == ["image_path_invalid"]
+    assert table.num_rows == 1
+
+
+# ---- records ------------------------------------------------------------------------------------
+
+
+def test_record_fields(tmp_path: Path, images: Path) -> None:
+    write_lines(tmp_path / "data" / "a.jsonl", [
+        {"id": "r1", "image": "ok0.png", "conversations": qa(), "loss": 0.5, "score": 8, "flag": True,
+         "data_type": "ocr", "image_tags": ["cat"], "scores": {"relevance": 0.9}},
+        "",  # a blank line is not a record
+        {"images": ["ok1.png", "ok2.png"], "conversations": qa(images=2), "data_type": "bogus"},
+        {"conversations": qa(images=0), "category": "caption"},
+    ])
+    table, rejects, consumed = run(tmp_path, source())
+    assert not rejects and consumed == 3
+    rows = table.to_pylist()
+    first = rows[0]
+    assert first["origin"] == "data/a.jsonl:1 id=r1"
+    assert first["id"] == records.record_id("src", first["images"], first["conversations"])
+    assert first["images"][0]["width"] == 40 and first["images"][0]["height"] == 30
+    assert len(first["images"][0]["sha256"]) == 64
+    assert dict(first["scores"]) == {"loss": 0.5, "score": 8.0, "relevance": 0.9}
+    assert first["data_type"] == "ocr" and first["image_tags"] == ["cat"] and first["provenance"] == ["ingest.src"]
+    assert rows[1]["origin"] == "data/a.jsonl:3" and len(rows[1]["images"]) == 2
+    assert rows[1]["data_type"] == "general"  # an unknown type falls back to the source's
+    assert rows[2]["images"] == [] and rows[2]["category"] == "comprehensive"  # category: the source's
+
+
+def test_mixed_sources_need_a_type_per_record(tmp_path: Path, images: Path) -> None:
+    write_lines(tmp_path / "data" / "a.jsonl", [{"image": "ok0.png", "conversations": qa(), "data_type": "ocr"},
+                                                {"image": "ok1.png", "conversations": qa()}])
+    table, rejects, _ = run(tmp_path, source(data_type="mixed"))
+    assert table.column("data_type").to_pylist() == ["ocr"]
+    assert [r.reason for r in rejects] == ["record_invalid"] and "mixed" in rejects[0].detail
+
+
+def test_columns_map_the_source_names(tmp_path: Path, images: Path) -> None:
+    write_lines(tmp_path / "data" / "a.jsonl", [
+        {"uid": "u1", "picture": "ok0.png", "dialog": qa(), "kind": "caption"},
+        {"uid": "u2", "picture": "ok1.png", "caption": "A red square."},
+    ])
+    cols = {"id": "uid", "image": "picture", "conversations": "dialog", "category": "kind", "text": "caption"}
+    table, rejects, _ = run(tmp_path, source(columns=cols))
+    assert not rejects
+    rows = table.to_pylist()
+    assert rows[0]["origin"].endswith("id=u1") and rows[0]["category"] == "caption"
+    assert rows[1]["conversations"] == [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "A red square."}]
+
+
+def test_files_are_read_in_sorted_order(tmp_path: Path, images: Path) -> None:
+    write_lines(tmp_path / "data" / "b.jsonl", [{"image": "ok1.png", "conversations": qa()}])
+    write_lines(tmp_path / "data" / "a.jsonl", [{"image": "ok0.png", "conversations": qa()}])
+    table, _, _ = run(tmp_path, source())
+    assert table.column("origin").to_pylist() == ["data/a.jsonl:1", "data/b.jsonl:1"]
+
+
+def test_nothing_matching_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(OperationError, match="nothing matches"):
+        run(tmp_path, source(paths=("data/none-*.jsonl",)))
+
+
+# ---- formats ------------------------------------------------------------------------------------
+
+
+def test_json_array_lines_and_recovery(tmp_path: Path, images: Path) -> None:
+    good = [json.dumps({"image": f"ok{i}.png", "conversations": qa(question=f"Q{i}?")}) for i in range(3)]
+    text = "[\n" + ",\n".join([good[0], '{"image": "ok1.png", "conversations": [oops]}', good[1],
+                               "{'python': 'repr'}", good[2]]) + "\n]\n"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.json").write_text(text)
+    table, rejects, consumed = run(tmp_path, source(fmt="llava_json", paths=("data/a.json",)))
+    assert consumed == 5
+    assert table.column("origin").to_pylist() == ["data/a.json:2", "data/a.json:4", "data/a.json:6"]
+    assert [(r.origin, r.reason) for r in rejects] == [("data/a.json:3", "json_malformed"),
+                                                        ("data/a.json:5", "json_malformed")]
+
+
+def test_json_array_pretty_printed_and_invalid_bytes(tmp_path: Path, images: Path) -> None:
+    records_ = [{"image": f"ok{i}.png", "conversations": qa(question=f"Q{i}?")} for i in range(3)]
+    text = json.dumps(records_, indent=2).encode()
+    bad = text.replace(b"Q1?", b"Q1\xff?")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.json").write_bytes(bad)
+    table, rejects, consumed = run(tmp_path, source(fmt="llava_json", paths=("data/a.json",)))
+    assert consumed == 3 and table.num_rows == 2
+    assert [r.reason for r in rejects] == ["utf8_invalid"]
+    assert table.column("origin").to_pylist()[0] == "data/a.json:2"
+
+
+def test_json_array_cut_short(tmp_path: Path, images: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.json").write_text("[\n" + json.dumps({"image": "ok0.png", "conversations": qa()}) + ",\n")
+    table, rejects, consumed = run(tmp_path, source(fmt="llava_json", paths=("data/a.json",)))
+    assert table.num_rows == 1 and [r.reason for r in rejects] == ["json_malformed"] and consumed == 2
+
+
+def test_parquet(tmp_path: Path, images: Path) -> None:
+    turn = pa.struct([("from", pa.string()), ("value", pa.string())])
+    t = pa.table({"id": ["p0", "p1", "p2"], "image": ["ok0.png", "missing.png", None],
+                  "conversations": pa.array([qa(), qa(), qa(images=0)], pa.list_(turn)),
+                  "loss": [0.1, 0.2, float("nan")]})
+    (tmp_path / "data").mkdir()
+    pq.write_table(t, tmp_path / "data" / "a.parquet")
+    table, rejects, consumed = run(tmp_path, source(fmt="parquet", paths=("data/*.parquet",)))
+    assert consumed == 3
+    assert table.column("origin").to_pylist() == ["data/a.parquet#0 id=p0", "data/a.parquet#2 id=p2"]
+    assert [(r.origin, r.reason) for r in rejects] == [("data/a.parquet#1 id=p1", "image_missing")]
+    assert [dict(s) for s in table.column("scores").to_pylist()] == [{"loss": 0.1}, {}]  # NaN is no score
+
+
+def test_hf_dataset(tmp_path: Path, images: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list([{"image": "ok0.png", "conversations": qa()},
+                                     {"image": "ok1.png", "conversations": qa(images=0)}])
+    ds.save_to_disk(str(tmp_path / "data" / "hf"))
+    table, rejects, _ = run(tmp_path, source(fmt="hf_dataset", paths=("data/hf",)))
+    assert table.column("origin").to_pylist() == ["data/hf#0"]
+    assert [(r.origin, r.reason) for r in rejects] == [("data/hf#1", "image_token_mismatch")]
+
+
+def test_image_folder(tmp_path: Path, images: Path) -> None:
+    (images / "notes.txt").write_text("not an image")
+    table, rejects, consumed = run(tmp_path, source(fmt="image_folder", paths=("images",), images=None))
+    assert not rejects and consumed == 5
+    assert [i[0]["path"] for i in table.column("images").to_pylist()] == [
+        "ok0.png", "ok1.png", "ok2.png", "ok3.png", "sub/deep.png"]
+    assert table.column("conversations").to_pylist() == [[]] * 5
+    table, _, _ = run(tmp_path, source(fmt="image_folder", paths=("images/sub/*.png",), images="images"))
+    assert table.column("images").to_pylist()[0][0]["path"] == "sub/deep.png"
+
+
+# ---- determinism --------------------------------------------------------------------------------
+
+
+def test_same_output_for_any_number_of_workers(tmp_path: Path, images: Path) -> None:
+    lines: list[dict | str] = []
+    for i in range(ingest.PIECE * 2 + 5):  # enough images for the process pool
+        (images / f"w{i}.png").write_bytes(png(8, 8, seed=100 + i))
+        lines.append({"image": f"w{i}.png", "conversations": qa(question=f"Q{i}")})
+        if i % 17 == 0:
+            lines.append({"image": f"gone{i}.png", "conversations": qa()})
+    write_lines(tmp_path / "data" / "a.jsonl", lines)
+    one = run(tmp_path, source(), workers=1)
+    two = run(tmp_path, source(), workers=2)
+    assert one[0].equals(two[0])
+    assert [(r.origin, r.reason, r.detail) for r in one[1]] == [(r.origin, r.reason, r.detail) for r in two[1]]
