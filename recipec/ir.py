@@ -281,7 +281,7 @@ class Recipe(Node):
     seed: int = 0
     base: str | None = None
     models: dict[str, Architecture] = Field(default_factory=dict)
-    model_refs: dict[str, ModelUse] = Field(default_factory=dict)  # named helper models
+    model_refs: dict[str, ModelUse] = Field(default_factory=dict)  # the models steps use (taggers, synthesis, scoring)
     sources: dict[str, Source] = Field(default_factory=dict)
     taxonomies: dict[str, Taxonomy] = Field(default_factory=dict)
     prompts: dict[str, Prompt] = Field(default_factory=dict)
