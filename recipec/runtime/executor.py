@@ -341,7 +341,7 @@ class _StepRunner:
                 "params": step.params, "inputs": [{"step": i, "key": self.keys[i]} for i in step.inputs],
                 "records_in": tally.consumed, "records_out": tally.out, "dropped": dict(sorted(tally.dropped.items())),
                 "composition": tally.composition(), "seconds": round(time.perf_counter() - started, 3)})
-        except OperationError as e:
+        except (OperationError, StoreError) as e:
             writer.abort()
             log.error("step %s (%s) failed: %s", step.id, step.op, e)
             raise StepFailed(step, str(e)) from e
@@ -349,10 +349,6 @@ class _StepRunner:
             writer.abort()
             log.error("%s", e)
             raise
-        except StoreError as e:
-            writer.abort()
-            log.error("step %s (%s) failed: %s", step.id, step.op, e)
-            raise StepFailed(step, str(e)) from e
         except Exception as e:
             writer.abort()
             log.exception("step %s (%s) failed with an internal error", step.id, step.op)

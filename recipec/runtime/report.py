@@ -230,13 +230,20 @@ class _OutputIndex:
             return None
         return [st.st_size, st.st_mtime_ns, st.st_ino]
 
-    def put(self, rel: str, token: str, produce: Callable[[Path], None]) -> None:
+    def _unchanged(self, rel: str, token: str) -> bool:
+        """Written by recipec with this content and not touched since."""
         entry = self.files.get(rel)
-        if entry is not None and entry[0] == token and entry[1:] == self._stat(rel):
-            return
+        return entry is not None and entry[0] == token and entry[1:] == self._stat(rel)
+
+    def _temporary(self, rel: str) -> tuple[Path, Path]:
         dest = self.out / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        return dest, dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+
+    def put(self, rel: str, token: str, produce: Callable[[Path], None]) -> None:
+        if self._unchanged(rel, token):
+            return
+        dest, tmp = self._temporary(rel)
         try:
             produce(tmp)
             with open(tmp, "rb+") as f:
@@ -250,12 +257,9 @@ class _OutputIndex:
 
     def put_link(self, rel: str, target: str) -> None:
         token = f"link:{target}"
-        entry = self.files.get(rel)
-        if entry is not None and entry[0] == token and entry[1:] == self._stat(rel):
+        if self._unchanged(rel, token):
             return
-        dest = self.out / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        dest, tmp = self._temporary(rel)
         tmp.unlink(missing_ok=True)
         os.symlink(target, tmp)
         os.replace(tmp, dest)
