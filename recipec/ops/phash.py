@@ -25,7 +25,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from multiprocessing import get_context
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -249,7 +249,7 @@ def _single_thread_blas() -> contextlib.AbstractContextManager[object]:
 
 
 @contextlib.contextmanager
-def _workers_env() -> Iterable[None]:
+def _workers_env() -> Iterator[None]:
     """Spawned workers inherit the environment: one BLAS thread each, set before numpy loads."""
     saved = {k: os.environ.get(k) for k in _BLAS_ENV}
     os.environ.update({k: "1" for k in _BLAS_ENV})
