@@ -110,3 +110,15 @@ def test_fast_commands_never_import_torch(command):
 def test_no_command_prints_help():
     result = recipec()
     assert result.returncode == 2 and "check" in result.stdout
+
+
+def test_plan_marks_what_a_run_would_find_cached(tmp_path):
+    quickstart = str(ROOT / "examples" / "quickstart.recipe")
+    store = str(tmp_path / "store")
+    before = json.loads(recipec("plan", quickstart, "--json", "--store", store).stdout)
+    assert not any(s["cached"] for s in before["steps"])
+    ran = recipec("run", quickstart, "--data-only", "-q", "--store", store, "--out", str(tmp_path / "out"))
+    assert ran.returncode == 0, ran.stderr
+    after = json.loads(recipec("plan", quickstart, "--json", "--store", store).stdout)
+    cached = {s["id"] for s in after["steps"] if s["cached"]}
+    assert cached == {s["id"] for s in after["steps"] if s["op"] != "train"}

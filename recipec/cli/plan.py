@@ -14,10 +14,17 @@ from recipec.plan import MODEL_OPS, build_plan, plan_json
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="FILE")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--store", metavar="DIR", help="mark the steps a run would find cached in this store")
+    parser.add_argument("--store", metavar="DIR",
+                        help="mark the steps a run would find cached in this store "
+                             "(default $RECIPEC_STORE, else .recipec/store when it exists)")
 
 
 def _cached(plan, store: str | None, recipe_file: str) -> set[str] | None:
+    import os
+
+    from recipec.cli.run import DEFAULT_STORE
+
+    store = store or os.environ.get("RECIPEC_STORE") or (str(DEFAULT_STORE) if DEFAULT_STORE.is_dir() else None)
     if not store:
         return None
     from recipec.runtime.store import cached_steps
