@@ -213,3 +213,12 @@ def test_taxonomy_is_loaded_with_its_leaves():
     taxonomy = recipe.taxonomies["instructions"]
     assert len(taxonomy.tree) == 6
     assert taxonomy.leaves >= 190
+
+
+def test_shares_are_split_once_so_they_add_up(tmp_path):
+    sources = "".join(f'source s{i} {{ format = parquet  path = "s{i}"  expect = 1K }}\n' for i in range(3))
+    result = compile_text(tmp_path, 'recipe "t" {}' + MODEL + sources +
+                          "stage s { samples = 100  mix { s0 = 33.34%  s1 = 33.33%  s2 = 33.33% } }\n")
+    assert result.ok, [d.header() for d in result.diagnostics]
+    composition = result.recipe.stages[0].composition
+    assert composition.total == 100 and sum(composition.by_source.values()) == 100
