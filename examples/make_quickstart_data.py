@@ -808,11 +808,11 @@ def qa_pairs(kind: str, f: Facts) -> list[QA]:
                     f"{lo} has the shortest bar, at {vals[lo]} {f['unit']}, the lowest in the chart."))
         out.append(("How many bars are shown?", str(f["n"]),
                     f"The chart shows {f['n']} bars, one each for {listing(f['labels'])}."))
-        out.append((f"What is the difference between the highest and the lowest value?", str(vals[hi] - vals[lo]),
+        out.append(("What is the difference between the highest and the lowest value?", str(vals[hi] - vals[lo]),
                     f"The highest value is {vals[hi]} ({hi}) and the lowest is {vals[lo]} ({lo}); {vals[hi]} - {vals[lo]} = {vals[hi] - vals[lo]}."))
         out.append(("What is the title of the chart?", f["title"], f'The chart is titled "{f["title"]}".'))
     elif kind == "line":
-        out.append((f"In which year does the line reach its highest value?", str(f["peak_year"]),
+        out.append(("In which year does the line reach its highest value?", str(f["peak_year"]),
                     f"The line peaks in {f['peak_year']} at {max(f['values'])} {f['unit']}."))
         out.append(("In which year is the value lowest?", str(f["low_year"]),
                     f"The lowest point is in {f['low_year']}, at {min(f['values'])} {f['unit']}."))

@@ -17,7 +17,7 @@ from recipec.ops.base import OperationError
 from recipec.runtime import executor
 from recipec.runtime.lock import StoreLock
 
-from test_runtime_fakes import (FAKE_OPS, Project, make_quickstart, needs_registry, out_snapshot, recipec_cli,
+from test_runtime_fakes import (FAKE_OPS, Project, make_quickstart, out_snapshot, recipec_cli,
                                 registry_operations)
 
 
@@ -143,7 +143,6 @@ def until_stages() -> list[str]:
     return ["--until", "s1", "--until", "s2"]
 
 
-@needs_registry
 def test_the_quickstart_runs_then_reruns_as_a_no_op(quickstart, tmp_path):
     args = ["run", str(quickstart), "--store", str(tmp_path / "store"), "--out", str(tmp_path / "out"), *until_stages()]
     cold = recipec_cli(*args)
@@ -160,7 +159,6 @@ def test_the_quickstart_runs_then_reruns_as_a_no_op(quickstart, tmp_path):
     assert all(s["cached"] for s in json.loads((tmp_path / "out/report.json").read_text())["steps"])
 
 
-@needs_registry
 def test_the_quickstart_outputs_do_not_depend_on_workers(quickstart, tmp_path):
     snapshots = []
     for workers in (1, 2):
@@ -172,7 +170,6 @@ def test_the_quickstart_outputs_do_not_depend_on_workers(quickstart, tmp_path):
     assert snapshots[0] == snapshots[1]
 
 
-@needs_registry
 def test_the_quickstart_data_part_does_not_import_torch(quickstart, tmp_path):
     script = textwrap.dedent(f"""
         import sys
@@ -185,9 +182,8 @@ def test_the_quickstart_data_part_does_not_import_torch(quickstart, tmp_path):
     assert done.stdout.split()[-2:] == ["0", "False"], done.stderr
 
 
-@needs_registry
 def test_the_quickstart_plan_names_what_this_installation_lacks(quickstart, tmp_path):
-    missing = {"train"} - (registry_operations() or set())
+    missing = {"train"} - registry_operations()
     if not missing:
         pytest.skip("this installation can train")
     done = recipec_cli("run", str(quickstart), "--store", str(tmp_path / "store"), "--out", str(tmp_path / "out"))

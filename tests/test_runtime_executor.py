@@ -101,7 +101,7 @@ def test_a_step_is_shared_by_every_recipe_that_asks_for_it(project, tmp_path):
     other = project.root / "other.recipe"
     other.write_text(project.recipe_path.read_text().replace('recipe "rt"', 'recipe "rt-other"')
                      .replace("a = 5", "a = 4"))
-    project.recipe_path, original = other, project.recipe_path
+    project.recipe_path = other
     result = run_project(project, tmp_path / "store")
     ran = {o.id for o in result.outcomes if not o.cached}
     assert ran == {"mix.s2", "export.s2"}

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
-import pytest
 
 from recipec import records
 from recipec.compiler import compile_or_raise
@@ -401,18 +400,11 @@ def make_quickstart(root: Path, scale: float = 0.1) -> Path:
     return recipe
 
 
-def registry_operations() -> set[str] | None:
-    """The op names of the real registry, or None while it does not exist."""
-    try:
-        from recipec.ops.registry import OPERATIONS
-    except ModuleNotFoundError as e:
-        if e.name != "recipec.ops.registry":
-            raise
-        return None
+def registry_operations() -> set[str]:
+    """The op names of the real registry."""
+    from recipec.ops.registry import OPERATIONS
+
     return set(OPERATIONS)
-
-
-needs_registry = pytest.mark.skipif(registry_operations() is None, reason="recipec.ops.registry does not exist yet")
 
 
 def recipec_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:

@@ -18,7 +18,7 @@ from typing import Callable
 
 import pytest
 
-from test_runtime_fakes import Project, make_quickstart, needs_registry, out_snapshot, run_project
+from test_runtime_fakes import Project, make_quickstart, out_snapshot, run_project
 
 FAKES = Path(__file__).with_name("test_runtime_fakes.py")
 
@@ -114,7 +114,6 @@ def test_killed_twice_in_a_row(fake_project, tmp_path):
 # ---- through `recipec run` and the real operations ----------------------------------------------
 
 
-@needs_registry
 def test_resume_after_sigkill_through_the_cli(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume-cli")
     recipe = make_quickstart(root / "data")
