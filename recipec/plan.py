@@ -64,9 +64,6 @@ class Plan:
     recipe: ir.Recipe
     steps: dict[str, Step]  # in dependency order
 
-    def dependencies(self) -> dict[str, set[str]]:
-        return {step.id: set(step.inputs) for step in self.steps.values()}
-
     def upstream(self, step_id: str) -> list[str]:
         """`step_id` and everything it needs, in dependency order."""
         needed: set[str] = set()
