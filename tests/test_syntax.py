@@ -98,3 +98,18 @@ def test_labelled_errors_point_at_the_mistake(snippet, code, line, column):
         parse(snippet, "bad.recipe")
     (diagnostic,) = caught.value.diagnostics
     assert (diagnostic.code, diagnostic.span.line, diagnostic.span.column) == (code, line, column)
+
+
+def test_several_syntax_errors_are_reported_in_one_pass():
+    text = 'recipe "t" {\n  seed 42\n}\nsource a {\n  format = llava_jsonl\n  expect = = 3\n}\nstage s {\n  lr 1e-5\n}\n'
+    with pytest.raises(RecipeErrors) as caught:
+        parse(text, "bad.recipe")
+    found = [(d.code, d.span.line, d.span.column) for d in caught.value.diagnostics]
+    assert found == [("E002", 2, 8), ("E003", 6, 12), ("E002", 9, 6)]
+
+
+def test_recovery_stops_where_blanking_would_invent_errors():
+    # the faulty line opens a block: blanking it would leave a stray `}` behind
+    with pytest.raises(RecipeErrors) as caught:
+        parse('recipe "t" {\n  x = [a b] {\n}\n}\n', "bad.recipe")
+    assert [d.code for d in caught.value.diagnostics] == ["E006"]

@@ -349,12 +349,56 @@ def parse(text: str, path: str = "<recipe>") -> ast.Document:
     try:
         tree = parser.parse(text)
     except UnexpectedInput as error:
-        raise RecipeErrors([_syntax_diagnostic(error, text, path)]) from None
+        raise RecipeErrors(_syntax_errors(error, text, path)) from None
     builder = _Builder(path)
     items = builder.items(tree.children)
     if builder.errors:
         raise RecipeErrors(builder.errors)
     return ast.Document(path, items, tuple(comments), text)
+
+
+MAX_SYNTAX_ERRORS = 10
+_OPENERS, _CLOSERS = "{[(", "}])"
+
+
+def _syntax_errors(error: UnexpectedInput, text: str, path: str) -> list[Diagnostic]:
+    """The first syntax error, then the next ones found by blanking each faulty line and parsing again.
+
+    Blanking keeps every other position where it was. It stops at a line whose brackets or quotes
+    do not balance (blanking it would invent errors further on) and at an unclosed block, whose
+    error is at the end of the file.
+    """
+    found = [_syntax_diagnostic(error, text, path)]
+    attempt = text
+    while len(found) < MAX_SYNTAX_ERRORS:
+        last = found[-1]
+        lines = attempt.split("\n")
+        if last.code in ("E004", "E005", "E012") or not 0 < last.span.line <= len(lines):
+            break
+        faulty = lines[last.span.line - 1]
+        if not _balanced(faulty):
+            break
+        lines[last.span.line - 1] = " " * len(faulty)
+        attempt = "\n".join(lines)
+        try:
+            _parser().parse(attempt)
+            break
+        except UnexpectedInput as next_error:
+            token = getattr(next_error, "token", None)
+            if token is not None and token.type in ("RBRACE", "$END"):
+                break  # most likely a block left open by the blanked line: not a mistake of its own
+            diagnostic = _syntax_diagnostic(next_error, attempt, path)
+            if diagnostic.span.line <= last.span.line:
+                break  # no progress: what follows depends on what was blanked
+            found.append(diagnostic)
+    return found
+
+
+def _balanced(line: str) -> bool:
+    code = _STRING_OR_COMMENT.sub(lambda m: "" if m.group("comment") else '""', line)
+    if code.count('"') % 2:
+        return False
+    return all(code.count(o) == code.count(c) for o, c in zip(_OPENERS, _CLOSERS))
 
 
 # strings first, so that `#` or `//` inside one is not taken for a comment
