@@ -11,11 +11,20 @@ from dataclasses import dataclass, field
 from recipec import ir
 
 
+@dataclass(frozen=True)
+class Problem:
+    entry: str  # the mixture line at fault, or "" for the stage as a whole
+    code: str  # the diagnostic code the compiler reports it under
+    message: str
+    hint: str | None = None
+    capacity: bool = True  # judged against the sources' sizes (meaningless where a size is unknown)
+
+
 @dataclass
 class Allocation:
     by_entry: dict[str, dict[str, int]] = field(default_factory=dict)  # entry -> source -> samples
     total: int = 0
-    problems: list[tuple[str, str, str | None]] = field(default_factory=list)  # (entry or "", message, hint)
+    problems: list[Problem] = field(default_factory=list)
 
     def by_source(self) -> dict[str, int]:
         totals: dict[str, int] = {}
@@ -95,8 +104,8 @@ def allocate(stage_mix: tuple[ir.MixEntry, ...], available: dict[str, dict[str, 
         elif entry.kind in ("count", "first", "random", "cap"):
             want = entry.count or 0
             if want > have and entry.kind != "cap":
-                result.problems.append((entry.name, f"asks for {want:,} samples of `{entry.name}`, which has {have:,}",
-                                        f"take `all` or `cap({_short(want)})`, or at most {_short(have)}"))
+                result.problems.append(Problem(entry.name, "E302", f"asks for {want:,} samples of `{entry.name}`, which has {have:,}",
+                                               f"take `all` or `cap({_short(want)})`, or at most {_short(have)}"))
             fixed[entry.name] = split_evenly(min(want, have), pool) if pool else {}
         elif entry.kind == "share":
             shares[entry.name] = entry.share or 0.0
@@ -105,20 +114,21 @@ def allocate(stage_mix: tuple[ir.MixEntry, ...], available: dict[str, dict[str, 
 
     share_sum = sum(shares.values())
     if share_sum > 1.0 + 1e-9:
-        result.problems.append(("", f"shares add up to {share_sum * 100:.4g}%", "shares of a stage may add up to at most 100%"))
+        result.problems.append(Problem("", "E301", f"shares add up to {share_sum * 100:.4g}%",
+                                       "shares of a stage may add up to at most 100%", capacity=False))
 
     fixed_total = sum(sum(v.values()) for v in fixed.values())
     if (shares or weights or balance) and samples is None:
-        result.problems.append(("", "shares, weights and balancing need the stage's total",
-                                "add `samples = N` to the stage"))
+        result.problems.append(Problem("", "E106", "shares, weights and balancing need the stage's total",
+                                       "add `samples = N` to the stage", capacity=False))
     total = samples if samples is not None else fixed_total
 
     if balance is not None and samples is not None:
         result.by_entry = _balanced(stage_mix, available, samples, balance, groups or {})
         result.total = sum(sum(v.values()) for v in result.by_entry.values())
         if result.total < samples:
-            result.problems.append(("", f"balancing can fill only {result.total:,} of {samples:,} samples",
-                                    "lower `samples` or add sources"))
+            result.problems.append(Problem("", "E302", f"balancing can fill only {result.total:,} of {samples:,} samples",
+                                           "lower `samples` or add sources"))
         return result
 
     by_entry = dict(fixed)
@@ -129,7 +139,7 @@ def allocate(stage_mix: tuple[ir.MixEntry, ...], available: dict[str, dict[str, 
         want = share_counts[name]
         have = sum(pool.values())
         if want > have:
-            result.problems.append((name, f"{share * 100:.4g}% of {total:,} is {want:,} samples of `{name}`, which has {have:,}", None))
+            result.problems.append(Problem(name, "E302", f"{share * 100:.4g}% of {total:,} is {want:,} samples of `{name}`, which has {have:,}"))
         by_entry[name] = split_evenly(min(want, have), pool)
     remaining = total - fixed_total - sum(sum(by_entry[n].values()) for n in shares)
     if weights:
@@ -138,13 +148,13 @@ def allocate(stage_mix: tuple[ir.MixEntry, ...], available: dict[str, dict[str, 
             pool = available.get(name, {})
             have = sum(pool.values())
             if wanted[name] > have:
-                result.problems.append((name, f"weight of `{name}` asks for {wanted[name]:,} samples, it has {have:,}", None))
+                result.problems.append(Problem(name, "E302", f"weight of `{name}` asks for {wanted[name]:,} samples, it has {have:,}"))
             by_entry[name] = split_evenly(min(wanted[name], have), pool)
     if samples is not None and not weights and not balance and share_sum <= 1.0 + 1e-9:
         realised = sum(sum(v.values()) for v in by_entry.values())
         if realised > samples:
-            result.problems.append(("", f"the mixture takes {realised:,} samples but the stage has `samples = {_short(samples)}`",
-                                    "lower the counts or raise `samples`"))
+            result.problems.append(Problem("", "E302", f"the mixture takes {realised:,} samples but the stage has `samples = {_short(samples)}`",
+                                           "lower the counts or raise `samples`"))
     # keep the order the mixture was written in
     result.by_entry = {e.name: by_entry.get(e.name, {}) for e in stage_mix}
     result.total = sum(sum(v.values()) for v in result.by_entry.values())

@@ -140,8 +140,7 @@ class _Printer:
             self.lines.append(f"{indent}remove {'.'.join(item.path)}")
             self.trailing(item.span.end_line, indent)
         elif isinstance(item, ast.Rule):
-            op = f" {item.op} " if item.op not in ("top", "bottom") else f" {item.op} "
-            head = f"{indent}{item.verb} {item.field}{op}{value_text(item.value, indent)}"
+            head = f"{indent}{item.verb} {item.field} {item.op} {value_text(item.value, indent)}"
             if item.body is None:
                 self.lines.append(head)
                 self.trailing(item.span.end_line, indent)

@@ -208,7 +208,8 @@ class Lowering:
             if name in table:
                 self.ctx.error("E103", f"duplicate {item.kind} `{name}`", item.label_spans[0], f"`{name}` is first declared at line {table[name].span.line}")
                 continue
-            clash = next((k for k in ("source", "synthesize", "pool") if k != item.kind and item.kind in ("source", "synthesize", "pool") and name in self.blocks[k]), None)
+            shared = ("source", "synthesize", "pool")  # one namespace: mixtures name any of them
+            clash = next((k for k in shared if k != item.kind and name in self.blocks[k]), None) if item.kind in shared else None
             if clash:
                 self.ctx.error("E103", f"`{name}` is already a {clash}", item.label_spans[0], "sources, synthesized sets and pools share one namespace")
                 continue
@@ -610,7 +611,7 @@ class Lowering:
         required = {k: val for k, val in fields.items() if k != "micro_batch"}
         if entries is None or architecture is None or None in required.values() or None in part_lr.values():
             return None
-        composition = self.composition(name, block, r, entries, datasets, pools, samples, balance)
+        composition = self.composition(name, r, entries, datasets, pools, samples, balance)
         if None in (tokens, lr, train, grid, order) or composition is None:
             return None
         params = architecture.params
@@ -728,7 +729,7 @@ class Lowering:
             return None
         return tuple(entries) if ok else None
 
-    def composition(self, name, block, r, entries, datasets, pools, samples, balance) -> ir.Composition | None:
+    def composition(self, name, r, entries, datasets, pools, samples, balance) -> ir.Composition | None:
         def members(entry_name: str) -> tuple[str, ...]:
             return pools[entry_name].sources if entry_name in pools else (entry_name,)
 
@@ -740,17 +741,14 @@ class Lowering:
         allocation = allocate(entries, available, samples=samples, balance=balance, groups=groups)
         mix_block = r.nested("mix")[0]
         spans = {i.key: i.value.span for i in mix_block.items if isinstance(i, ast.Attribute)}
-        for entry_name, message, hint in allocation.problems:
-            if entry_name and entry_name in spans:
-                if unknown and "which has" in message:
-                    continue  # capacity is only known for sources that state `expect`
-                code = "E302"
-                self.ctx.error(code, f"stage `{name}` {message}", spans[entry_name], hint)
+        for problem in allocation.problems:
+            if problem.capacity and unknown:
+                continue  # capacity is only known for sources that state `expect`
+            if problem.entry in spans:
+                self.ctx.error(problem.code, f"stage `{name}` {problem.message}", spans[problem.entry], problem.hint)
             else:
-                code = "E301" if "shares add up" in message else ("E106" if "need the stage's total" in message else "E302")
-                if code == "E302" and unknown:
-                    continue
-                self.ctx.error(code, f"stage `{name}`: {message}", r.key_span("samples") if r.has("samples") else mix_block.kind_span, hint)
+                span = r.key_span("samples") if r.has("samples") else mix_block.kind_span
+                self.ctx.error(problem.code, f"stage `{name}`: {problem.message}", span, problem.hint)
         by_source: dict[str, int | None] = {}
         for source, count in allocation.by_source().items():
             by_source[source] = None if source in unknown else count

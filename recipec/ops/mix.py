@@ -192,7 +192,7 @@ def select(ids: pa.ChunkedArray | pa.Array, sources: pa.ChunkedArray | pa.Array,
 
 def _check(allocation: Allocation, spec: MixSpec) -> None:
     if allocation.problems:
-        lines = [f"{message}" + (f" ({hint})" if hint else "") for _, message, hint in allocation.problems]
+        lines = [p.message + (f" ({p.hint})" if p.hint else "") for p in allocation.problems]
         raise OperationError(f"stage `{spec.stage}`: " + "; ".join(lines))
 
 

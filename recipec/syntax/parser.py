@@ -194,7 +194,6 @@ _CHAR_HINTS = {
     "'": "strings use double quotes: \"...\"",
     ":": "use `=` to set a value",
     ";": "no separator is needed between items",
-    "{": None,
 }
 
 
