@@ -68,8 +68,9 @@ def _tiny_siglip() -> dict[str, Any]:
     return {
         "architectures": ["SiglipVisionModel"],
         "model_type": "siglip_vision_model",
-        "hidden_size": 32,
-        "intermediate_size": 64,
+        # head_dim 64: the smallest vLLM's CPU attention accepts
+        "hidden_size": 128,
+        "intermediate_size": 256,
         "num_hidden_layers": 2,
         "num_attention_heads": 2,
         "num_channels": 3,
@@ -88,11 +89,11 @@ def _tiny_qwen2() -> dict[str, Any]:
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
         "vocab_size": 512,
-        "hidden_size": 32,
-        "intermediate_size": 64,
+        "hidden_size": 128,
+        "intermediate_size": 256,
         "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
         "hidden_act": "silu",
         "max_position_embeddings": 2048,
         "rms_norm_eps": 1e-6,
@@ -100,9 +101,11 @@ def _tiny_qwen2() -> dict[str, Any]:
         "attention_dropout": 0.0,
         "use_sliding_window": False,
         "tie_word_embeddings": True,
-        "bos_token_id": 0,
+        # ids of the tokenizer recipec trains for tiny models (recipec.models.tiny): <|endoftext|>,
+        # <|im_end|>; <image> and <video> are the last two ids
+        "bos_token_id": None,
         "eos_token_id": 1,
-        "pad_token_id": 2,
+        "pad_token_id": 0,
     }
 
 
@@ -129,10 +132,63 @@ def _tiny_llava_onevision() -> dict[str, Any]:
     }
 
 
+def _tiny_siglip_tagger() -> dict[str, Any]:
+    """A whole SigLIP (both towers) for zero-shot image tagging."""
+    vision = {k: v for k, v in _tiny_siglip().items() if k not in ("architectures", "vision_use_head")}
+    vision["model_type"] = "siglip_vision_model"
+    return {
+        "architectures": ["SiglipModel"],
+        "model_type": "siglip",
+        "vision_config": vision,
+        "text_config": {
+            "model_type": "siglip_text_model",
+            "vocab_size": 512,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 16,
+            "hidden_act": "gelu_pytorch_tanh",
+            "layer_norm_eps": 1e-6,
+            "pad_token_id": 0,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "projection_size": 128,
+        },
+    }
+
+
+def _tiny_qwen2_vl() -> dict[str, Any]:
+    text = _tiny_qwen2()
+    vocab = text["vocab_size"]
+    return {
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "model_type": "qwen2_vl",
+        "text_config": {**{k: v for k, v in text.items() if k != "architectures"}, "model_type": "qwen2_vl_text",
+                        "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
+                        "rope_parameters": {"rope_type": "default", "mrope_section": [8, 12, 12],
+                                            "rope_theta": 1000000.0}},
+        "vision_config": {
+            "model_type": "qwen2_vl", "depth": 2, "embed_dim": 128, "hidden_size": 128, "mlp_ratio": 2,
+            "num_heads": 2, "in_channels": 3, "patch_size": 8, "spatial_merge_size": 2, "temporal_patch_size": 2,
+        },
+        "image_token_id": vocab - 2,
+        "video_token_id": vocab - 1,
+        # Qwen2-VL brackets image tokens; the tiny tokenizer has no such ids to spare, so these reuse
+        # <|im_start|> and <|endoftext|>-adjacent specials of recipec's tiny tokenizer
+        "vision_start_token_id": 3,
+        "vision_end_token_id": 4,
+        "tie_word_embeddings": True,
+        "vocab_size": vocab,
+    }
+
+
 _TINY: dict[str, Callable[[], dict[str, Any]]] = {
     "llava-onevision": _tiny_llava_onevision,
     "siglip": _tiny_siglip,
+    "siglip-tagger": _tiny_siglip_tagger,
     "qwen2": _tiny_qwen2,
+    "qwen2-vl": _tiny_qwen2_vl,
 }
 
 TINY_REFS: tuple[str, ...] = tuple(TINY_SCHEME + name for name in _TINY)
