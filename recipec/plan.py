@@ -7,6 +7,7 @@ the content of each source's files into its ingest step when it runs.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import itertools
@@ -44,6 +45,12 @@ OP_VERSIONS = {
 # Ops that load a model: they run on an engine and are the expensive part of a plan.
 MODEL_OPS = {"tag_images", "tag_instructions", "generate_questions", "judge_relevance", "generate_answers",
              "judge_score", "score_loss", "train"}
+
+
+# Ops that open images: their params carry every data set's image folder (records hold paths
+# relative to it).
+IMAGE_OPS = {"dedup_phash", "tag_images", "generate_questions", "judge_relevance", "generate_answers", "judge_score",
+             "score_loss", "train"}
 
 
 @dataclass(frozen=True)
@@ -100,10 +107,32 @@ class _Builder:
         self.steps: dict[str, Step] = {}
 
     def add(self, step_id: str, op: str, inputs: list[str], params: dict[str, Any]) -> str:
+        if op in IMAGE_OPS:
+            params = {**params, "roots": self.roots}
         params = json.loads(json.dumps(params, sort_keys=True))  # plain JSON types, canonical order
         fingerprint = _fingerprint(op, params, [self.steps[i] for i in inputs])
         self.steps[step_id] = Step(step_id, op, tuple(inputs), params, fingerprint)
         return step_id
+
+    @functools.cached_property
+    def roots(self) -> dict[str, str | None]:
+        """The image folder of every data set, for the steps that open images.
+
+        Records keep image paths relative to their source's image folder (as
+        `recipec.ops.ingest.image_root` finds them; not imported, planning stays free of pyarrow).
+        A synthesized set's is its seeds' common folder, if they share one."""
+        roots: dict[str, str | None] = {}
+        for name, src in self.recipe.sources.items():
+            roots[name] = src.images
+            if src.images is None and src.format == "image_folder":
+                fixed = [posixpath.join(*parts) if parts else "." for parts in (
+                    list(itertools.takewhile(lambda p: not glob.has_magic(p), PurePosixPath(path).parts))
+                    for path in src.paths)]
+                roots[name] = posixpath.commonpath(fixed) if len(fixed) > 1 else fixed[0]
+        for name, syn in self.recipe.syntheses.items():
+            seeds = {roots.get(s) for s in syn.from_sources}
+            roots[name] = seeds.pop() if len(seeds) == 1 else None
+        return roots
 
     def build(self) -> Plan:
         r = self.recipe
@@ -199,22 +228,6 @@ class _Builder:
         if isinstance(op, (ir.Threshold, ir.Percentile)):
             return self.condition_steps(f"{prefix}.{op.condition.verb}_{op.condition.field}", op.condition, current, on)
         params = {k: v for k, v in _dump(op).items() if k != "op"}
-        if isinstance(op, ir.DedupPhash):
-            # Records keep image paths relative to their source's image folder: the op needs those
-            # folders (as `recipec.ops.ingest.image_root` finds them; not imported, planning stays
-            # free of pyarrow). A synthesized set's is its seeds' common folder, if they share one.
-            roots: dict[str, str | None] = {}
-            for name, src in self.recipe.sources.items():
-                roots[name] = src.images
-                if src.images is None and src.format == "image_folder":
-                    fixed = [posixpath.join(*parts) if parts else "." for parts in (
-                        list(itertools.takewhile(lambda p: not glob.has_magic(p), PurePosixPath(path).parts))
-                        for path in src.paths)]
-                    roots[name] = posixpath.commonpath(fixed) if len(fixed) > 1 else fixed[0]
-            for name, syn in self.recipe.syntheses.items():
-                seeds = {roots.get(s) for s in syn.from_sources}
-                roots[name] = seeds.pop() if len(seeds) == 1 else None
-            params["roots"] = roots
         return self.add(f"{prefix}.{op.op}", op.op, [current], {**params, "on": on, "seed": self.recipe.seed})
 
 

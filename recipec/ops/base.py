@@ -37,6 +37,7 @@ class Chunk:
     # reason in the report, with no reject rows
     skipped: dict[str, int] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)  # extra artifacts by relative name (export)
+    file_paths: dict[str, Path] = field(default_factory=dict)  # artifacts already on disk, moved in (checkpoints)
 
 
 class OperationError(Exception):
@@ -68,6 +69,11 @@ class StepContext:
     progress: Progress = field(default_factory=_NoProgress)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("recipec"))
     engine: Callable[[dict[str, Any]], Any] | None = None  # model_use params -> engine
+    # the stored folders of the step's inputs, in `inputs` order (their files/ hold artifacts such
+    # as the previous stage's checkpoint)
+    input_dirs: list[Path] = field(default_factory=list)
+    work_dir: Path | None = None  # survives a crash of this step; removed once the step is stored
+    models_dir: Path | None = None  # where tiny:// models are built
 
 
 Operation = Callable[[StepContext, list[pa.Table]], Iterator[Chunk]]

@@ -41,6 +41,7 @@ import copy
 import difflib
 import logging
 import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -327,7 +328,9 @@ class _StepRunner:
             step_id=step.id, op=step.op, params=copy.deepcopy(step.params), fingerprint=step.fingerprint,
             recipe_dir=self.recipe_dir, seed=self.plan.recipe.seed, workers=self.workers, progress=step_progress,
             log=logging.getLogger(f"recipec.ops.{step.op}"),
-            engine=self.engines if step.op in MODEL_OPS else None)
+            engine=self.engines if step.op in MODEL_OPS else None,
+            input_dirs=[self.store.step_dir(self.keys[i]) for i in step.inputs],
+            work_dir=self.store.work_dir(key), models_dir=self.store.models_dir)
         writer = self.store.writer(key)
         try:
             tally = _Tally(step)
@@ -341,6 +344,7 @@ class _StepRunner:
                 "params": step.params, "inputs": [{"step": i, "key": self.keys[i]} for i in step.inputs],
                 "records_in": tally.consumed, "records_out": tally.out, "dropped": dict(sorted(tally.dropped.items())),
                 "composition": tally.composition(), "seconds": round(time.perf_counter() - started, 3)})
+            shutil.rmtree(ctx.work_dir, ignore_errors=True)
         except (OperationError, StoreError) as e:
             writer.abort()
             log.error("step %s (%s) failed: %s", step.id, step.op, e)
@@ -407,6 +411,8 @@ class _Tally:
                 self.dropped[reason] += n
         for name, data in chunk.files.items():
             writer.add_file(name, data)
+        for name, path in chunk.file_paths.items():
+            writer.move_file(name, path)
         self.consumed += chunk.consumed
 
     def finish(self, writer: Any, input_rows: int | None) -> None:

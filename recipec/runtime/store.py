@@ -293,6 +293,8 @@ class Store:
         self.steps_dir = self.root / "steps"
         self.tmp_dir = self.root / "tmp"
         self.cache_dir = self.root / "cache"
+        self.models_dir = self.root / "models"  # tiny:// models built for runs on this store
+        self.requests_path = self.cache_dir / "requests.sqlite"  # every finished model request
         self.lock = StoreLock(self.root)
 
     @contextmanager
@@ -309,6 +311,11 @@ class Store:
 
     def path(self, key: str, name: str) -> Path:
         return self.step_dir(key) / name
+
+    def work_dir(self, key: str) -> Path:
+        """Scratch space of a step that outlives a crash (training's intermediate checkpoints);
+        unlike tmp/, a new run keeps it, and the step's commit removes it."""
+        return self.root / "work" / key
 
     def file_digests(self) -> FileDigests:
         return FileDigests(self.cache_dir / "file-sha256.json")
@@ -419,6 +426,19 @@ class StepWriter:
             f.flush()
             os.fsync(f.fileno())
         self.files.append({"name": f"files/{name}", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+
+    def move_file(self, name: str, source: Path) -> None:
+        """Take a file the op wrote elsewhere (a checkpoint too large for memory) into the step."""
+        name = safe_artifact_name(name)
+        if name in self._file_names:
+            raise StoreError(f"two chunks carry a file named {name!r}")
+        self._file_names.add(name)
+        path = self.dir / "files" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._dirs.update(p for p in path.parents if p.is_relative_to(self.dir))
+        shutil.move(str(source), path)
+        _fsync_file(path)
+        self.files.append({"name": f"files/{name}", "bytes": path.stat().st_size, "sha256": file_sha256(path)})
 
     def _parquet(self, name: str, table: "pa.Table") -> dict[str, Any]:
         path = self.dir / name
