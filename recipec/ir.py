@@ -173,12 +173,14 @@ class Synthesis(Node):
 class DedupExact(Node):
     op: Literal["dedup_exact"] = "dedup_exact"
     by: tuple[str, ...] = ("image", "text")
+    prefer_sources: tuple[str, ...] = ()  # whose copy is kept first (recipec.ops.dedup)
 
 
 class DedupPhash(Node):
     op: Literal["dedup_phash"] = "dedup_phash"
     max_distance: int = 4
-    keep: Literal["first", "largest"] = "first"
+    keep: Literal["best", "largest", "first"] = "best"  # the recipe's `prefer`
+    prefer_sources: tuple[str, ...] = ()
 
 
 class Clean(Node):

@@ -33,7 +33,14 @@ SCHEMA = pa.schema([
     ("instruction_tags", pa.list_(pa.string())),
     ("scores", pa.map_(pa.string(), pa.float64())),
     ("provenance", pa.list_(pa.string())),
+    # the id the record had in its data set (`id`, or the column `columns.id` names; an image
+    # folder's records: the image's path); null when the data had none. `id` above is recipec's.
+    ("source_id", pa.string()),
 ])
+
+# Columns added to SCHEMA after records were first stored: a table without them (written by an
+# older version, or by an op that builds rows without them) gets them as nulls (`collect.conform`).
+NULLABLE_ADDED = ("source_id",)
 
 # Rejected records: what was dropped, where, why, and the record itself as JSON.
 REJECT_SCHEMA = pa.schema([
@@ -50,11 +57,17 @@ USER, ASSISTANT = "human", "gpt"
 IMAGE_TOKEN = "<image>"
 
 
-def record_id(source: str, images: list[dict[str, Any]], conversations: list[dict[str, str]]) -> str:
-    """Stable id from the source and the content (image hashes and text), not from file positions."""
-    payload = json.dumps({"source": source, "images": [i["sha256"] for i in images],
-                          "conversations": [[t["from"], t["value"]] for t in conversations]},
-                         sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+def record_id(source: str, images: list[dict[str, Any]], conversations: list[dict[str, str]], copy: int = 0) -> str:
+    """Stable id from the source and the content (image hashes and text), not from file positions.
+
+    `copy` tells apart records of one source with the same content: the first has copy 0 (and the
+    id of the content alone), the next copy 1, and so on in input order, so ids stay unique.
+    """
+    content: dict[str, Any] = {"source": source, "images": [i["sha256"] for i in images],
+                               "conversations": [[t["from"], t["value"]] for t in conversations]}
+    if copy:
+        content["copy"] = copy
+    payload = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
 
 

@@ -65,10 +65,18 @@ def test_exact_keeps_the_first_in_collect_order(tmp_path: Path) -> None:
             rec("b", 1, [cat], "other"), rec("c", 0, [cat], "same"), rec("b", 2, None, "t"), rec("a", 2, None, "t")]
     out, rejects = run(dedup.run_exact, {"by": ["image", "text"], "on": ["a", "b"]}, rows, tmp_path)
     assert [(r.origin, r.reason) for r in rejects] == [("b:0", "exact_duplicate"), ("a:2", "exact_duplicate")]
-    assert rejects[0].detail == f"same image and text as {rows[0]['id']}"
+    assert rejects[0].detail == f"same image and text as {rows[0]['id']} (earlier in input order)"
     assert "c:0" in out.column("origin").to_pylist()  # not in `on`: untouched
     provenance = dict(zip(out.column("origin").to_pylist(), out.column("provenance").to_pylist()))
     assert provenance["a:0"] == ["ingest", "filter.x"] and provenance["c:0"] == ["ingest"]
+
+
+def test_exact_keeps_the_copy_of_the_preferred_source(tmp_path: Path) -> None:
+    cat = fake_image("cat")
+    rows = [rec("a", 0, [cat], "same"), rec("b", 0, [cat], "same"), rec("c", 0, [cat], "same")]
+    _, rejects = run(dedup.run_exact, {"by": ["image", "text"], "on": None, "prefer_sources": ["c", "b"]}, rows, tmp_path)
+    assert [r.origin for r in rejects] == ["a:0", "b:0"]
+    assert rejects[0].detail == f"same image and text as {rows[2]['id']} (source `c` is preferred to `a` (prefer_sources))"
 
 
 def test_exact_by_image_or_by_text(tmp_path: Path) -> None:
@@ -167,3 +175,90 @@ def test_chains_and_clusters_agree_when_pairs_are_isolated() -> None:
     dropped = {loser for loser, _, _ in dedup.near_duplicates(everything, 4)}
     kept = hamming.duplicate_clusters(everything, 4, np.arange(len(everything)))
     assert dropped == {i for i in range(len(everything)) if kept[i] != i} == set(range(200, 240))
+
+
+# ---- the best copy ------------------------------------------------------------------------------
+
+
+def save_jpeg(img: Image.Image, path: Path, quality: int) -> dict[str, Any]:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+    return {"path": path.name, "sha256": hashlib.sha256(buf.getvalue()).hexdigest(), "width": img.width,
+            "height": img.height}
+
+
+@pytest.mark.parametrize("quality", [10, 30, 50, 75, 90, 95])
+def test_jpeg_quality_is_estimated_from_the_tables(tmp_path: Path, quality: int) -> None:
+    save_jpeg(smooth(1), tmp_path / "x.jpg", quality)
+    fmt, estimate, size = dedup.file_fidelity(tmp_path / "x.jpg")
+    assert fmt == "JPEG" and abs(estimate - quality) <= 2 and size == (tmp_path / "x.jpg").stat().st_size
+    save(smooth(1), tmp_path / "x.png")
+    assert dedup.file_fidelity(tmp_path / "x.png")[:2] == ("PNG", 100.0)
+
+
+@pytest.fixture
+def degraded(tmp_path: Path) -> tuple[list[dict[str, Any]], dict[str, str], set[str]]:
+    """Originals and degraded copies (half size, low JPEG quality), in different sources and orders."""
+    roots = {"orig": "orig", "copies": "copies", "more": "more"}
+    originals, copies, more = [], [], []
+    for k in range(6):
+        img = smooth(100 + k, size=192)
+        if k % 2:
+            originals.append(rec("orig", k, [save_jpeg(img, tmp_path / "orig" / f"o{k}.jpg", 92)]))
+        else:
+            originals.append(rec("orig", k, [save(img, tmp_path / "orig" / f"o{k}.png")]))
+        half = img.resize((96, 96), Image.LANCZOS)
+        copies.append(rec("copies", k, [save(half, tmp_path / "copies" / f"half{k}.png")]))
+        more.append(rec("more", k, [save_jpeg(img, tmp_path / "more" / f"low{k}.jpg", 25)]))
+    # copies come first in input order for half of the groups, last for the others
+    rows = copies[:3] + more[3:] + originals + copies[3:] + more[:3]
+    return rows, roots, {r["id"] for r in originals}
+
+
+def test_phash_keeps_every_original_whatever_the_order(tmp_path: Path, degraded) -> None:
+    rows, roots, originals = degraded
+    for order in (rows, rows[::-1]):
+        out, rejects = run(dedup.run_phash, {"max_distance": 6, "on": None, "roots": roots}, order, tmp_path)
+        assert set(out.column("id").to_pylist()) == originals
+        assert len(rejects) == 12 and {r.reason for r in rejects} == {"near_duplicate"}
+        by_source = {r.source: r for r in rejects}
+        kept = {r["id"]: r for r in order}
+        for r in rejects:
+            winner = r.detail.split()[1]
+            assert winner in originals and kept[winner]["source"] == "orig"
+        assert "larger: 192x192 against 96x96 pixels" in by_source["copies"].detail
+        assert "less lossy: " in by_source["more"].detail and "JPEG quality ~25" in by_source["more"].detail
+
+
+def test_phash_first_keeps_degraded_copies_that_come_first(tmp_path: Path, degraded) -> None:
+    rows, roots, originals = degraded
+    out, rejects = run(dedup.run_phash, {"max_distance": 6, "keep": "first", "on": None, "roots": roots}, rows, tmp_path)
+    assert not originals <= set(out.column("id").to_pylist())  # why `best` is the default
+    assert all(r.detail.endswith("earlier in input order") for r in rejects)
+
+
+def test_phash_prefers_a_source_between_equal_copies(tmp_path: Path) -> None:
+    img = smooth(5)
+    a, b = save(img, tmp_path / "a" / "x.png"), save(img, tmp_path / "b" / "x.png")
+    rows = [rec("a", 0, [a], "one"), rec("b", 0, [b], "two")]
+    roots = {"a": "a", "b": "b"}
+    _, rejects = run(dedup.run_phash, {"max_distance": 4, "on": None, "roots": roots}, rows, tmp_path)
+    assert [r.origin for r in rejects] == ["b:0"] and rejects[0].detail.endswith("earlier in input order")
+    _, rejects = run(dedup.run_phash, {"max_distance": 4, "on": None, "roots": roots, "prefer_sources": ["b"]},
+                     rows, tmp_path)
+    assert [r.origin for r in rejects] == ["a:0"]
+    assert rejects[0].detail.endswith("source `b` is preferred to `a` (prefer_sources)")
+
+
+def test_phash_refuses_an_unknown_rule(tmp_path: Path, corpus) -> None:
+    rows, roots = corpus
+    with pytest.raises(OperationError, match="best"):
+        run(dedup.run_phash, {"max_distance": 4, "keep": "prettiest", "on": None, "roots": roots}, rows, tmp_path)
+
+
+def test_rank_with_ties_is_made_dense() -> None:
+    hashes = np.array([0, 1, 3], dtype=np.uint64)
+    assert dedup.near_duplicates(hashes, 2, rank=np.array([5, 5, 1])) == \
+        dedup.near_duplicates(hashes, 2, rank=np.array([1, 2, 0]))

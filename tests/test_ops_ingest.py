@@ -91,7 +91,7 @@ def test_every_reject_reason_has_a_fixture(tmp_path: Path, images: Path) -> None
     (images / "bomb.png").write_bytes(png_bomb(5000, 5000))
     (images / "folder.png").mkdir()  # not a regular file
     lines: list[tuple[str, bytes | dict | str]] = [
-        ("ok", {"image": "ok0.png", "conversations": qa()}),
+        ("ok", {"image": "ok0.png", "conversations": qa(), "id": "first"}),
         ("json_malformed", '{"image": "ok1.png", "conversations": [}'),
         ("json_malformed", '{"image": "ok1.png", "score": NaN, "conversations": []}'),
         ("utf8_invalid", b'{"image": "ok1.png", "conversations": [{"from": "human", "value": "caf\xe9"}]}'),
@@ -121,7 +121,7 @@ def test_every_reject_reason_has_a_fixture(tmp_path: Path, images: Path) -> None
         ("image_path_invalid", {"image": "a\\b.png", "conversations": qa()}),
         ("image_path_invalid", {"image": "", "conversations": qa()}),
         ("ok", {"image": "sub/../ok3.png", "conversations": qa(question="Another?")}),
-        ("duplicate_id", {"image": "ok0.png", "conversations": qa(), "id": "again"}),
+        ("duplicate_id", {"image": "ok2.png", "conversations": qa(question="Other?"), "id": "first"}),
     ]
     write_lines(tmp_path / "data" / "src.jsonl", [line for _, line in lines])
     table, rejects, consumed = run(tmp_path, source(max_pixels=1_000_000))
@@ -130,13 +130,27 @@ def test_every_reject_reason_has_a_fixture(tmp_path: Path, images: Path) -> None
     got = [(int(r.origin.split(":")[1].split()[0]), r.reason) for r in rejects]
     assert got == expected
     assert {reason for _, reason in expected} == ingest.REASONS  # every reason is exercised
-    assert table.column("origin").to_pylist() == ["data/src.jsonl:1", "data/src.jsonl:30"]
+    assert table.column("origin").to_pylist() == ["data/src.jsonl:1 id=first", "data/src.jsonl:30"]
+    assert table.column("source_id").to_pylist() == ["first", None]
     assert table.column("images").to_pylist()[1][0]["path"] == "ok3.png"  # normalised
     for r in rejects:
         assert r.source == "src" and r.detail and r.record
     dup = rejects[-1]
-    assert dup.origin == "data/src.jsonl:31 id=again" and dup.id == table.column("id")[0].as_py()
-    assert "data/src.jsonl:1" in dup.detail
+    assert dup.origin == "data/src.jsonl:31 id=first" and dup.id == ""
+    assert dup.detail == "id 'first' is already the id of the record at data/src.jsonl:1 id=first"
+
+
+def test_same_content_is_kept_for_dedup_with_unique_ids(tmp_path: Path, images: Path) -> None:
+    """Identical records are the dedup step's business: ingest keeps them, with distinct ids."""
+    same = {"image": "ok0.png", "conversations": qa()}
+    write_lines(tmp_path / "data" / "src.jsonl", [{**same, "id": "a"}, {**same, "id": 7}, same, {**same, "id": "b"}])
+    table, rejects, _ = run(tmp_path, source())
+    assert rejects == [] and table.num_rows == 4
+    ids = table.column("id").to_pylist()
+    assert len(set(ids)) == 4
+    assert ids[0] == records.record_id("src", table.column("images").to_pylist()[0], qa())  # the content id
+    assert ids[1] == records.record_id("src", table.column("images").to_pylist()[0], qa(), copy=1)
+    assert table.column("source_id").to_pylist() == ["a", "7", None, "b"]
 
 
 def test_pixel_limit_comes_from_the_source(tmp_path: Path, images: Path) -> None:

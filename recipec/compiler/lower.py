@@ -484,7 +484,7 @@ class Lowering:
         # the order written is the order applied: walk the block's items, not the reader's groups
         for item in block.items:
             if isinstance(item, ast.Block) and item.kind == "dedup":
-                ops.append(self.dedup(name, item))
+                ops.append(self.dedup(name, item, datasets))
             elif isinstance(item, ast.Block) and item.kind == "clean":
                 c = Reader(self.ctx, item, keys=set(CLEAN_RULES), what=f"`clean` of filter `{name}`")
                 rules = {}
@@ -505,7 +505,7 @@ class Lowering:
     def dedup(self, owner: str, block: ast.Block):
         method = block.name
         if method == "exact":
-            r = Reader(self.ctx, block, keys={"by"}, what=f"`dedup exact` of filter `{owner}`")
+            r = Reader(self.ctx, block, keys={"by", "prefer_sources"}, what=f"`dedup exact` of filter `{owner}`")
             by = ("image", "text")
             if r.has("by"):
                 try:
@@ -515,15 +515,18 @@ class Lowering:
                 for n in by:
                     if n not in ("image", "text"):
                         self.ctx.error("E203", f"dedup can compare `image` and `text`, not `{n}`", r.value_span("by"))
-            return ir.DedupExact(by=by)
+            prefer = self.ref_names(r, "prefer_sources", datasets or {}, "source", default=())
+            return ir.DedupExact(by=by, prefer_sources=prefer)
         if method == "phash":
             # `prefer` picks the copy kept from each group of near-duplicates (IR: `keep`)
-            r = Reader(self.ctx, block, keys={"max_distance", "prefer"}, what=f"`dedup phash` of filter `{owner}`")
+            r = Reader(self.ctx, block, keys={"max_distance", "prefer", "prefer_sources"},
+                       what=f"`dedup phash` of filter `{owner}`")
             distance = r.get("max_distance", lambda x: v.integer(x, minimum=0, maximum=32), 4)
-            keep = r.get("prefer", _enum(("first", "largest"), "preference"), "first")
+            keep = r.get("prefer", _enum(("best", "largest", "first"), "preference"), "best")
+            prefer = self.ref_names(r, "prefer_sources", datasets or {}, "source", default=())
             if distance is None or keep is None:
                 return None
-            return ir.DedupPhash(max_distance=distance, keep=keep)
+            return ir.DedupPhash(max_distance=distance, keep=keep, prefer_sources=prefer)
         span = block.label_spans[0] if block.label_spans else block.kind_span
         self.ctx.error("E203", f"unknown dedup method `{method or ''}`", span, did_you_mean(method or "", ("exact", "phash")) or "use `dedup exact` or `dedup phash`")
         return None

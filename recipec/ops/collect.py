@@ -45,6 +45,9 @@ def concat(inputs: Sequence[pa.Table]) -> pa.Table:
 def conform(table: pa.Table) -> pa.Table:
     if table.schema.equals(records.SCHEMA):
         return table
+    for name in records.NULLABLE_ADDED:
+        if name not in table.column_names:
+            table = table.append_column(records.SCHEMA.field(name), pa.nulls(table.num_rows, records.SCHEMA.field(name).type))
     return table.select(records.SCHEMA.names).cast(records.SCHEMA)
 
 

@@ -1,26 +1,43 @@
 """dedup_exact and dedup_phash: duplicate removal over the collected records.
 
 Both judge only records whose source is in `on` (all when `on` is None); the others pass untouched.
-"First" always means first in the input order, which is collect order (the plan's source order,
-then record order), so which copy survives never depends on sharding or workers.
+"Input order" is collect order (the plan's source order, then record order), so which copy
+survives never depends on sharding or workers. `prefer_sources` (both ops; default none) lists
+sources whose copies are preferred, in that order, to those of the sources it does not list.
 
-dedup_exact (params `by` ⊆ {image, text}, `on`)
+dedup_exact (params `by` ⊆ {image, text}, `prefer_sources`, `on`)
     Records with the same key are duplicates: `image` = the images' sha256s in order, `text` = the
-    conversation (roles and text). The first is kept; the others are rejected `exact_duplicate`
-    with detail `same <by> as <kept id>`. With `by = [image]` a text-only record has no key and
-    passes; with `by = [text]` images are ignored.
+    conversation (roles and text). Their content is the same, so only the source can tell them
+    apart: the copy kept is the one from the most preferred source, then the first in input
+    order; the others are rejected `exact_duplicate` with detail `same <by> as <kept id> (<why>)`.
+    With `by = [image]` a text-only record has no key and passes; with `by = [text]` images are
+    ignored.
 
-dedup_phash (params `max_distance`, `keep`, `on`, `roots`)
+dedup_phash (params `max_distance`, `keep`, `prefer_sources`, `on`, `roots`)
     The pHash (`recipec.ops.phash`, imagehash-compatible) of each record's first image; records
     whose hashes are within `max_distance` bits are near duplicates (`recipec.ops.hamming.radius_pairs`:
-    multi-index hashing, not O(N^2)). Which copy is kept: records are taken in priority order
-    (`keep = first`: input order; `largest`: larger first-image pixel area first, then input
-    order); a record is kept unless a record already kept is within the radius, and then it is
-    rejected `near_duplicate` with detail `kept <id> (distance d)`. This is the rule imagededup uses
-    to pick files to remove. It is not `hamming.duplicate_clusters` (one record kept per connected
-    component) on purpose: with A~B and B~C but A and C far apart, components drop C for being near
-    B, which was itself dropped; here C stays, and every dropped record is within `max_distance` of
-    the record that replaced it. Text-only records pass.
+    multi-index hashing, not O(N^2)). Which copy is kept: records are ranked, and a record is kept
+    unless a better-ranked record already kept is within the radius; then it is rejected
+    `near_duplicate` with detail `kept <id> (distance d): <why>`, where <why> is the first rule
+    below that tells the two apart (`larger: 640x480 against 320x240 pixels`). The ranking
+    (`keep`, the recipe's `prefer`):
+
+    best (default)  1. larger pixel area of the first image (a half-size copy loses);
+                    2. less lossy: the estimated quality of the file, 100 for lossless formats
+                       (PNG, BMP, TIFF, lossless WebP), the IJG quality a JPEG's quantisation tables
+                       imply (1-100), 50 for lossy formats without an estimate (lossy WebP, GIF);
+                       then more bytes per pixel (less compressed);
+                    3. the source preferred by `prefer_sources`;
+                    4. earlier in input order.
+    largest         1, 3 and 4.
+    first           3 and 4 (before the best-copy rule, the default: the first in input order).
+
+    File metadata (size, JPEG tables) is read only for records that have a near duplicate. This
+    greedy rule is the one imagededup uses to pick files to remove. It is not
+    `hamming.duplicate_clusters` (one record kept per connected component) on purpose: with A~B and
+    B~C but A and C far apart, components drop C for being near B, which was itself dropped; here C
+    stays, and every dropped record is within `max_distance` of the record that replaced it.
+    Text-only records pass.
 
     Records store image paths relative to their source's image root, so the op gets the roots:
     `roots` maps each dataset to its `images` folder relative to the recipe directory (added by the
@@ -31,12 +48,16 @@ dedup_phash (params `max_distance`, `keep`, `on`, `roots`)
 from __future__ import annotations
 
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from PIL import Image
 
 from recipec.ops import hamming
 from recipec.ops import images as imaging
@@ -45,6 +66,21 @@ from recipec.ops.base import Chunk, OperationError, StepContext
 from recipec.ops.collect import concat, judge, source_mask
 
 REASONS = frozenset({"exact_duplicate", "near_duplicate", *imaging.REASONS})
+KEEP_RULES = ("best", "largest", "first")
+
+
+def source_preference(sources: Sequence[str | None], prefer: Sequence[str] | None) -> np.ndarray:
+    """Per record, the rank of its source in `prefer` (0 first); sources not listed come after all."""
+    order = {name: i for i, name in enumerate(prefer or ())}
+    last = len(order)
+    return np.fromiter((order.get(s, last) for s in sources), dtype=np.int64, count=len(sources))
+
+
+def _preferred_why(winner_source: str, loser_source: str, prefer: Sequence[str] | None) -> str | None:
+    ranks = source_preference([winner_source, loser_source], prefer)
+    if ranks[0] < ranks[1]:
+        return f"source `{winner_source}` is preferred to `{loser_source}` (prefer_sources)"
+    return None
 
 
 # ---- exact --------------------------------------------------------------------------------------
@@ -56,21 +92,27 @@ def run_exact(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
     unknown = set(by) - {"image", "text"}
     if unknown:
         raise OperationError(f"dedup exact compares `image` and `text`, not {', '.join(sorted(unknown))}")
+    prefer = ctx.params.get("prefer_sources") or ()
     judged = source_mask(table, ctx.params.get("on"))
     rows = np.flatnonzero(judged)
     ids = table.column("id").to_pylist()
+    sources = table.column("source").to_pylist()
     images = table.column("images").to_pylist() if "image" in by else None
     turns = table.column("conversations").to_pylist() if "text" in by else None
-    kept: dict[bytes, str] = {}
+    if prefer:  # the preferred source's copy first, then input order (a stable sort)
+        rank = source_preference([sources[r] for r in rows.tolist()], prefer)
+        rows = rows[np.argsort(rank, kind="stable")]
+    kept: dict[bytes, int] = {}
     dropped: dict[int, tuple[str, str]] = {}
     what = " and ".join(by)
     for row in rows.tolist():
         key = _exact_key(images[row] if images is not None else None, turns[row] if turns is not None else None)
         if key is None:
             continue
-        first = kept.setdefault(key, ids[row])
-        if first != ids[row]:
-            dropped[row] = ("exact_duplicate", f"same {what} as {first}")
+        first = kept.setdefault(key, row)
+        if first != row:
+            why = _preferred_why(sources[first], sources[row], prefer) or "earlier in input order"
+            dropped[row] = ("exact_duplicate", f"same {what} as {ids[first]} ({why})")
     yield from judge(ctx, table, judged, dropped)
 
 
@@ -96,9 +138,10 @@ def run_phash(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
     table = concat(inputs)
     params = ctx.params
     max_distance = int(params.get("max_distance", 4))
-    keep = params.get("keep", "first")
-    if keep not in ("first", "largest"):
-        raise OperationError(f"dedup phash keeps `first` or `largest`, not {keep!r}")
+    keep = params.get("keep", "best")
+    if keep not in KEEP_RULES:
+        raise OperationError(f"dedup phash keeps the `best`, `largest` or `first` copy, not {keep!r}")
+    prefer = params.get("prefer_sources") or ()
     roots: dict[str, str | None] = params.get("roots") or {}
     judged = source_mask(table, params.get("on"))
     n_images = pc.list_value_length(table.column("images")).to_numpy(zero_copy_only=False)
@@ -109,7 +152,7 @@ def run_phash(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
     dropped: dict[int, tuple[str, str]] = {}
     paths: list[str] = []
     hashed_rows: list[int] = []
-    areas: list[int] = []
+    sizes: list[tuple[int, int]] = []
     for row, image in zip(rows.tolist(), firsts):
         source = sources[row]
         if source not in roots or roots[source] is None:
@@ -124,7 +167,7 @@ def run_phash(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
             continue
         paths.append(str(path))
         hashed_rows.append(row)
-        areas.append(int(image["width"]) * int(image["height"]))
+        sizes.append((int(image["width"]), int(image["height"])))
 
     hashes, errors = phashing.phash_files_checked(paths, workers=max(1, ctx.workers))
     ok = np.array([e is None for e in errors], dtype=bool)
@@ -132,33 +175,161 @@ def run_phash(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
         if error is not None:
             reason = "image_missing" if not Path(path).exists() else "image_corrupt"
             dropped[row] = (reason, f"cannot hash {path!r} any more: {error}")
-    candidates = np.asarray(hashed_rows, dtype=np.int64)[ok]
+    keep_at = np.flatnonzero(ok)
+    candidates = np.asarray(hashed_rows, dtype=np.int64)[keep_at]
     hashes = np.asarray(hashes, dtype=np.uint64)[ok]
-    areas_ok = np.asarray(areas, dtype=np.int64)[ok]
-
-    ids = table.column("id")
-    for loser, winner, distance in near_duplicates(hashes, max_distance, areas_ok if keep == "largest" else None):
-        row = int(candidates[loser])
-        dropped[row] = ("near_duplicate", f"kept {ids[int(candidates[winner])].as_py()} (distance {distance})")
+    pairs = hamming.radius_pairs(hashes, max_distance) if len(hashes) > 1 else np.zeros((0, 2), dtype=np.int64)
+    if len(pairs):
+        involved = np.unique(pairs)  # only these need ranking (and their files' metadata)
+        copies = [Copy.of(sizes[int(keep_at[i])], paths[int(keep_at[i])] if keep == "best" else None,
+                          sources[int(candidates[i])], int(candidates[i])) for i in involved.tolist()]
+        if keep == "best":
+            _read_fidelity(copies, workers=max(1, ctx.workers))
+        rank = np.full(len(hashes), len(hashes), dtype=np.int64)  # not involved: never compared
+        rank[involved] = ranking(copies, keep, prefer)
+        by_index = dict(zip(involved.tolist(), copies))
+        ids = table.column("id")
+        for loser, winner, distance in near_duplicates(hashes, max_distance, rank=rank, pairs=pairs):
+            why = by_index[winner].why(by_index[loser], keep, prefer)
+            dropped[int(candidates[loser])] = (
+                "near_duplicate", f"kept {ids[int(candidates[winner])].as_py()} (distance {distance}): {why}")
     yield from judge(ctx, table, judged, dropped)
 
 
-def near_duplicates(hashes: np.ndarray, max_distance: int,
-                    areas: np.ndarray | None = None) -> list[tuple[int, int, int]]:
+# ---- which copy is the best ---------------------------------------------------------------------
+
+_LOSSLESS = {"PNG", "BMP", "TIFF"}
+# The IJG (libjpeg) luminance table at quality 50; a JPEG's tables are this one scaled.
+_IJG_LUMA = (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+             14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+             49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99)
+UNKNOWN_QUALITY = 50.0
+
+
+def jpeg_quality(luma_table: Sequence[int]) -> float:
+    """The IJG quality (1-100) whose scaling of the standard table gives `luma_table` (natural order).
+
+    IJG makes entry i `(std[i] * scale + 50) // 100`, clipped to 1..255, with scale 5000/q below
+    quality 50 and 200 - 2q above; the median of the unclipped entries' scales inverts it.
+    """
+    table = np.asarray(list(luma_table)[:64], dtype=np.float64)
+    std = np.asarray(_IJG_LUMA, dtype=np.float64)[:len(table)]
+    free = (table > 1) & (table < 255)
+    if free.any():
+        scale = float(np.median((100.0 * table[free]) / std[free]))
+    else:
+        scale = 100.0 * float(table.sum()) / float(std.sum())
+    quality = (200.0 - scale) / 2.0 if scale <= 100.0 else 5000.0 / scale
+    return round(min(100.0, max(1.0, quality)), 1)
+
+
+def file_fidelity(path: str | os.PathLike) -> tuple[str, float, int]:
+    """(format, estimated quality, file size) of an image file, from its header only."""
+    size = os.stat(path).st_size
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":  # VP8L is WebP's lossless bitstream
+        return "WEBP", 100.0 if head[12:16] == b"VP8L" else UNKNOWN_QUALITY, size
+    with Image.open(path) as image:
+        fmt = image.format or "?"
+        if fmt == "JPEG":
+            tables = getattr(image, "quantization", None) or {}
+            return fmt, jpeg_quality(tables[0]) if 0 in tables else UNKNOWN_QUALITY, size
+    return fmt, 100.0 if fmt in _LOSSLESS else UNKNOWN_QUALITY, size
+
+
+@dataclass
+class Copy:
+    """What the ranking knows of one record's first image."""
+
+    width: int
+    height: int
+    source: str
+    row: int  # input order
+    path: str | None = None
+    format: str = "?"
+    quality: float = 0.0
+    bytes: int = 0
+
+    @classmethod
+    def of(cls, size: tuple[int, int], path: str | None, source: str, row: int) -> "Copy":
+        return cls(width=size[0], height=size[1], source=source, row=row, path=path)
+
+    @property
+    def area(self) -> int:
+        return self.width * self.height
+
+    @property
+    def bytes_per_pixel(self) -> float:
+        return round(self.bytes / self.area, 4) if self.area else 0.0
+
+    def lossiness(self) -> str:
+        if self.quality >= 100.0:
+            return f"{self.format} (lossless)"
+        if self.format == "JPEG" and self.quality != UNKNOWN_QUALITY:
+            return f"JPEG quality ~{self.quality:g}"
+        return f"{self.format} (lossy, quality unknown)"
+
+    def why(self, loser: "Copy", keep: str, prefer: Sequence[str] | None) -> str:
+        """Why this copy was kept rather than `loser` (the first ranking rule that tells them apart)."""
+        if keep in ("best", "largest") and self.area != loser.area:
+            return f"larger: {self.width}x{self.height} against {loser.width}x{loser.height} pixels"
+        if keep == "best" and self.quality != loser.quality:
+            return f"less lossy: {self.lossiness()} against {loser.lossiness()}"
+        if keep == "best" and self.bytes_per_pixel != loser.bytes_per_pixel:
+            return (f"less compressed: {self.bytes_per_pixel:g} against {loser.bytes_per_pixel:g} bytes per pixel "
+                    f"({self.lossiness()})")
+        return _preferred_why(self.source, loser.source, prefer) or "earlier in input order"
+
+
+def _read_fidelity(copies: list[Copy], workers: int) -> None:
+    def read(copy: Copy) -> tuple[str, float, int]:
+        try:
+            return file_fidelity(copy.path)
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+            return "?", 0.0, 0  # hashed a moment ago; if it cannot be read now it ranks last
+
+    with ThreadPoolExecutor(max_workers=min(workers, 16)) as pool:  # ordered map: same result for any N
+        for copy, (fmt, quality, size) in zip(copies, pool.map(read, copies)):
+            copy.format, copy.quality, copy.bytes = fmt, quality, size
+
+
+def ranking(copies: Sequence[Copy], keep: str, prefer: Sequence[str] | None) -> np.ndarray:
+    """Rank of each copy (0 is the best) under the rule `keep`; ties impossible (input order last)."""
+    n = len(copies)
+    order_keys = [np.array([c.row for c in copies], dtype=np.int64),
+                  source_preference([c.source for c in copies], prefer)]
+    if keep == "best":
+        order_keys.append(-np.array([c.bytes_per_pixel for c in copies], dtype=np.float64))
+        order_keys.append(-np.array([c.quality for c in copies], dtype=np.float64))
+    if keep in ("best", "largest"):
+        order_keys.append(-np.array([c.area for c in copies], dtype=np.int64))
+    order = np.lexsort(order_keys)  # the last key is the primary one
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    return rank
+
+
+def near_duplicates(hashes: np.ndarray, max_distance: int, areas: np.ndarray | None = None, *,
+                    rank: np.ndarray | None = None, pairs: np.ndarray | None = None) -> list[tuple[int, int, int]]:
     """(dropped, kept, distance) for each near duplicate among `hashes` (indices into it).
 
-    Priority is index order, or larger `areas` first (then index) when given. A record is kept
-    unless a higher-priority kept record lies within `max_distance`; the kept one named is the
-    highest-priority kept neighbour.
+    Priority is `rank` (lower first; distinct for every index that is in a pair) when given, else
+    larger `areas` first (then index), else index order. A record is kept unless a higher-priority
+    kept record lies within `max_distance`; the kept one named is the highest-priority kept
+    neighbour. `pairs` (from `hamming.radius_pairs`) saves searching again.
     """
     n = len(hashes)
     if n < 2:
         return []
-    pairs = hamming.radius_pairs(hashes, max_distance)  # (P, 2), i < j
+    if pairs is None:
+        pairs = hamming.radius_pairs(hashes, max_distance)  # (P, 2), i < j
     if len(pairs) == 0:
         return []
     left, right = pairs[:, 0], pairs[:, 1]
-    if areas is None:
+    if rank is not None:
+        rank = _dense_rank(np.asarray(rank, dtype=np.int64))
+    elif areas is None:
         rank = np.arange(n)
     else:
         order = np.lexsort((np.arange(n), -np.asarray(areas, dtype=np.int64)))
@@ -186,3 +357,11 @@ def near_duplicates(hashes: np.ndarray, max_distance: int,
                 result.append((record, winner, int(distance[k])))
                 break
     return result
+
+
+def _dense_rank(rank: np.ndarray) -> np.ndarray:
+    """`rank` as a permutation of 0..n-1 (ties broken by index), which the search below indexes by."""
+    order = np.lexsort((np.arange(len(rank)), rank))
+    dense = np.empty(len(rank), dtype=np.int64)
+    dense[order] = np.arange(len(rank))
+    return dense

@@ -15,8 +15,8 @@ Formats
                   synthesis); a path that names a folder takes every image under it
 
 A LLaVA record has `image` (a path, or a list of paths) or `images` (a list), and `conversations`
-(turns `{"from": "human"|"gpt", "value": str}`). Optional: `id` (the dataset's own id: kept only in
-`origin`, ours is `records.record_id`), `data_type` (used when it is a known type; required when the
+(turns `{"from": "human"|"gpt", "value": str}`). Optional: `id` (the dataset's own id, a string or an
+integer: kept as `source_id` and in `origin`; recipec's `id` is `records.record_id`), `data_type` (used when it is a known type; required when the
 source's type is `mixed`), `image_tags` / `instruction_tags` (lists of strings), `scores` (an object
 of numbers), and any other top-level number (`loss`, `score`, ...), which goes to `scores`.
 `source.columns` renames: unified name -> the source's column. A `text` column (used only when there
@@ -43,8 +43,13 @@ Reject reasons (stable codes). Checks run in this order; a record gets the first
     `source.max_pixels`: decompression bombs), image_path_escapes_root, image_path_invalid
                                    from `recipec.ops.images` (a source without `images` has no root:
                                    its image paths are `image_path_invalid`)
-    duplicate_id                   same source and content as an earlier record of the source (the
-                                   first is kept)
+    duplicate_id                   the data set's own id is the id of an earlier record of the
+                                   source (a real id clash, whatever the content; the first is kept)
+
+Records with the same content are not rejected here: finding duplicates is the business of the
+recipe's `dedup` steps (`exact_duplicate`, `near_duplicate`), and a recipe without one keeps them.
+Their recipec ids stay unique: the second copy of a content in a source gets `record_id(..., copy=1)`,
+the third `copy=2`, in input order.
 
 Image inspection (a full decode of every image) is the slow part: it runs in `ctx.workers`
 processes, over blocks of records cut at fixed positions and reassembled in order, so the output
@@ -118,6 +123,7 @@ class _Candidate:
     image_tags: list[str] = field(default_factory=list)
     instruction_tags: list[str] = field(default_factory=list)
     scores: dict[str, float] = field(default_factory=dict)
+    source_id: str | None = None  # the data set's own id
 
 
 # ---- the operation ------------------------------------------------------------------------------
@@ -153,7 +159,8 @@ class _Assembler:
     def __init__(self, source: ir.Source, step_id: str):
         self.source = source
         self.step_id = step_id
-        self.seen: dict[str, str] = {}  # id -> origin of the record kept
+        self.copies: dict[str, int] = {}  # content id -> records of that content so far
+        self.own_ids: dict[str, str] = {}  # the data set's id -> origin of the record that has it
 
     def chunk(self, items: list[_Candidate | Reject], images: dict[str, Any]) -> Chunk:
         rows: list[dict[str, Any]] = []
@@ -174,16 +181,22 @@ class _Assembler:
                 rejects.append(self.reject(item, *failed))
                 continue
             image_dicts = [{"path": i.path, "sha256": i.sha256, "width": i.width, "height": i.height} for i in infos]
-            rid = records.record_id(self.source.name, image_dicts, item.conversations)
-            if rid in self.seen:
-                rejects.append(self.reject(item, "duplicate_id", f"same content as the record at {self.seen[rid]}", rid))
-                continue
-            self.seen[rid] = item.origin
+            if item.source_id is not None:
+                first = self.own_ids.get(item.source_id)
+                if first is not None:
+                    rejects.append(self.reject(item, "duplicate_id", f"id {item.source_id!r} is already the id of the "
+                                               f"record at {first}"))
+                    continue
+                self.own_ids[item.source_id] = item.origin
+            content = records.record_id(self.source.name, image_dicts, item.conversations)
+            copy = self.copies.get(content, 0)
+            self.copies[content] = copy + 1
+            rid = records.record_id(self.source.name, image_dicts, item.conversations, copy=copy) if copy else content
             rows.append({
                 "id": rid, "source": self.source.name, "origin": item.origin, "images": image_dicts,
                 "conversations": item.conversations, "category": item.category, "data_type": item.data_type,
                 "image_tags": item.image_tags, "instruction_tags": item.instruction_tags,
-                "scores": sorted(item.scores.items()), "provenance": [self.step_id],
+                "scores": sorted(item.scores.items()), "provenance": [self.step_id], "source_id": item.source_id,
             })
         table = pa.Table.from_pylist(rows, schema=records.SCHEMA)
         return Chunk(records=table, rejects=rejects, consumed=len(items))
@@ -436,7 +449,8 @@ def _image_folder(source: ir.Source, recipe_dir: Path) -> Iterator[_Candidate | 
                            problem=_Bad("image_path_escapes_root", f"{shown} is outside the image root {str(root)!r}"))
                 continue
             yield _Candidate(origin=shown, text=canonical_json({"image": relative}), image_paths=[relative],
-                             conversations=[], data_type=_source_type(source), category=source.category)
+                             conversations=[], data_type=_source_type(source), category=source.category,
+                             source_id=relative)
 
 
 def image_root(source: ir.Source) -> str | None:
@@ -484,9 +498,14 @@ def _validate(item: _Raw | _Candidate, source: ir.Source) -> _Candidate | Reject
         if not isinstance(value, dict):
             raise _Bad("record_invalid", f"a record must be a JSON object, not {_kind(value)}")
         own_id = value.get(source.columns.get("id", "id"))
+        source_id = None
         if isinstance(own_id, (str, int)) and not isinstance(own_id, bool):
+            source_id = str(own_id)
+            _check_text(source_id, "the record's `id`")
             origin = f"{origin} id={own_id}"
-        return _candidate(value, source, origin, item.text)
+        candidate = _candidate(value, source, origin, item.text)
+        candidate.source_id = source_id
+        return candidate
     except _Bad as bad:
         return Reject(reason=bad.reason, detail=bad.detail, source=source.name, origin=origin, record=item.text)
 
