@@ -49,7 +49,7 @@ def test_check_syntax_error_has_no_traceback(tmp_path):
 
 def test_check_missing_file(tmp_path):
     result = recipec("check", str(tmp_path / "nope.recipe"))
-    assert result.returncode == 1
+    assert result.returncode == 2  # an input error, not a problem in a recipe
     assert "error[E402]: cannot read recipe" in result.stderr
 
 

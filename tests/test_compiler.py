@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -187,8 +188,8 @@ def test_fingerprint_ignores_layout_and_comments(tmp_path):
     text = (ROOT / "recipes" / "aquila-vl-2b.recipe").read_text()
     squashed = re.sub(r"(?m)(^|\s)(//|#)[^\n]*", " ", text)  # comments, not the // of a URL
     squashed = re.sub(r"\s+", " ", squashed)
-    (tmp_path / "prompts").symlink_to(ROOT / "recipes" / "prompts")
-    (tmp_path / "taxonomies").symlink_to(ROOT / "recipes" / "taxonomies")
+    shutil.copytree(ROOT / "recipes" / "prompts", tmp_path / "prompts")  # a link out of tmp_path is refused
+    shutil.copytree(ROOT / "recipes" / "taxonomies", tmp_path / "taxonomies")
     original = compile_file(str(ROOT / "recipes" / "aquila-vl-2b.recipe")).recipe
     reflowed = compile_text(tmp_path, squashed, "aquila-vl-2b.recipe").recipe
     assert ir.fingerprint(original) == ir.fingerprint(reflowed)

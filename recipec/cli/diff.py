@@ -19,6 +19,7 @@ import difflib
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -26,8 +27,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from recipec import ir
-from recipec.cli.common import print_diagnostics
+from recipec.cli.common import add_root_option, json_text, print_diagnostics, say
+from recipec.diagnostics import printable
 from recipec.compiler import compile_file
+from recipec.compiler.files import IncludeError, read_bytes
 from recipec.diff import ADDED, CHANGED, REMOVED, RENAMED, UNCHANGED, Change, RecipeDiff, Row, StageDiff, diff, empty_recipe
 
 EXIT_EQUAL, EXIT_DIFFER, EXIT_ERROR = 0, 1, 2
@@ -46,6 +49,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--path", metavar="PATH",
                         help="compile file sides as if they were at PATH, for `extends` and included files "
                              "(difftool passes temporary copies)")
+    add_root_option(parser)
     parser.add_argument("--textconv", metavar="FILE", help="print FILE in canonical form (for git's textconv)")
     parser.add_argument("--git-external", action="store_true",
                         help="take git's GIT_EXTERNAL_DIFF arguments: PATH OLD-FILE OLD-HEX OLD-MODE NEW-FILE NEW-HEX NEW-MODE")
@@ -63,13 +67,13 @@ def run(args: argparse.Namespace) -> int:
             return git_external(args.sides)
         pairs = _pairs(args)
     except (UsageError, GitError) as error:
-        print(f"recipec diff: {error}", file=sys.stderr)
+        say(f"recipec diff: {error}")
         return EXIT_ERROR
 
     diffs: list[RecipeDiff] = []
     failed = False
     for a, b in pairs:
-        result = _compare(a, b)
+        result = _compare(a, b, args.root)
         if result is None:
             failed = True
         else:
@@ -78,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         data: Any = [d.to_json() for d in diffs] if args.sides and _is_revision_mode(args.sides) else \
             (diffs[0].to_json() if diffs else None)
         if data is not None:
-            print(json.dumps(data, indent=2, ensure_ascii=False))
+            print(json_text(data))
     else:
         render = markdown if args.markdown else plain
         if not args.markdown and not args.no_color and sys.stdout.isatty():
@@ -105,20 +109,20 @@ class Side:
     read: Callable[[Path], str] | None = None
 
 
-def _compile(side: Side) -> ir.Recipe | None:
+def _compile(side: Side, root: str | None = None) -> ir.Recipe | None:
     if side.path is None:
         return empty_recipe()
-    result = compile_file(side.path, text=side.text, read=side.read)
+    result = compile_file(side.path, text=side.text, read=side.read, root=root)
     if not result.ok:
         if side.label != side.path:
-            print(f"recipec diff: `{side.label}` does not compile", file=sys.stderr)
+            say(f"recipec diff: `{side.label}` does not compile")
         print_diagnostics(result)
         return None
     return result.recipe
 
 
-def _compare(a: Side, b: Side) -> RecipeDiff | None:
-    recipe_a, recipe_b = _compile(a), _compile(b)
+def _compare(a: Side, b: Side, root: str | None = None) -> RecipeDiff | None:
+    recipe_a, recipe_b = _compile(a, root), _compile(b, root)
     if recipe_a is None or recipe_b is None:
         return None
     return diff(recipe_a, recipe_b, a_label=a.label, b_label=b.label)
@@ -172,7 +176,15 @@ def _side(spec: str, as_path: str | None) -> Side:
 
 
 def _read_text(path: str) -> str:
-    return Path(path).read_bytes().decode("utf-8", errors="replace")
+    return _read_bytes(path).decode("utf-8", errors="replace")
+
+
+def _read_bytes(path: str) -> bytes:
+    """A regular file's bytes, size-capped: a FIFO or a device is refused, never read."""
+    try:
+        return read_bytes(path)
+    except IncludeError as error:
+        raise UsageError(f"cannot read `{path}`: {error.reason}") from None
 
 
 # ---- git ------------------------------------------------------------------------------------------
@@ -265,9 +277,9 @@ class Git:
 def textconv(path: str) -> int:
     """The canonical form of a recipe, or its text unchanged when it cannot be formatted."""
     try:
-        data = Path(path).read_bytes()
-    except OSError as error:
-        print(f"recipec diff: cannot read `{path}`: {(error.strerror or str(error)).lower()}", file=sys.stderr)
+        data = read_bytes(path)
+    except IncludeError as error:
+        say(f"recipec diff: cannot read `{path}`: {error.reason}")
         return EXIT_ERROR
     try:
         text = data.decode("utf-8")
@@ -515,25 +527,39 @@ def plain_text(d: RecipeDiff) -> str:
 
 
 def plain(d: RecipeDiff) -> None:
-    sys.stdout.write(plain_text(d))
+    sys.stdout.write(printable(plain_text(d), newlines=True))
 
 
 # ---- markdown -------------------------------------------------------------------------------------
 
 
 def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|")
+    """Text in a table cell or heading: no column breaks, no HTML."""
+    return text.replace("|", "\\|").replace("<", "&lt;")
+
+
+def _md_code(text: str) -> str:
+    """An inline code span holding `text` whatever backticks it contains."""
+    ticks = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{ticks}{pad}{_md_cell(text)}{pad}{ticks}"
+
+
+def _md_fence(lines: list[str]) -> str:
+    """A code fence longer than any run of backticks in `lines`, so none of them can close it."""
+    longest = max((len(run) for line in lines for run in re.findall("`+", line)), default=0)
+    return "`" * max(3, longest + 1)
 
 
 def markdown_text(d: RecipeDiff) -> str:
     a, b = _title(d)
-    out = [f"### recipe diff: `{a}` → `{b}`", ""]
+    out = [f"### recipe diff: {_md_code(a)} → {_md_code(b)}", ""]
     if d.equal:
         out.append("Equal in meaning.")
         return "\n".join(out) + "\n"
     for block in report(d):
         if isinstance(block, Heading):
-            out += [f"**{block.text}**", ""]
+            out += [f"**{_md_cell(block.text)}**", ""]
         elif isinstance(block, Table):
             align = ["--:" if i in block.right else ":--" for i in range(len(block.header))]
             out.append("| | " + " | ".join(_md_cell(h) for h in block.header) + " |")
@@ -543,16 +569,17 @@ def markdown_text(d: RecipeDiff) -> str:
             out.append("")
         else:
             lines = [f"{m} {text}" for m, text in block.lines]
+            fence = _md_fence(lines)
             if block.title.startswith("cost"):
-                out += [f"**{block.title}**", "", "<details><summary>steps to recompute</summary>", ""]
-                out += ["```diff", *lines, "```", "", "</details>", ""]
+                out += [f"**{_md_cell(block.title)}**", "", "<details><summary>steps to recompute</summary>", ""]
+                out += [f"{fence}diff", *lines, fence, "", "</details>", ""]
             else:
-                out += [f"**{block.title}**", "", "```diff", *lines, "```", ""]
+                out += [f"**{_md_cell(block.title)}**", "", f"{fence}diff", *lines, fence, ""]
     return "\n".join(out).rstrip("\n") + "\n"
 
 
 def markdown(d: RecipeDiff) -> None:
-    sys.stdout.write(markdown_text(d))
+    sys.stdout.write(printable(markdown_text(d), newlines=True))
 
 
 # ---- terminal -------------------------------------------------------------------------------------
@@ -566,7 +593,7 @@ def _rich(d: RecipeDiff) -> None:
     from rich.text import Text
 
     console = Console()
-    a, b = _title(d)
+    a, b = (printable(t) for t in _title(d))
     console.print(Text(f"--- {a}", style="red"))
     console.print(Text(f"+++ {b}", style="green"))
     if d.equal:
@@ -575,7 +602,7 @@ def _rich(d: RecipeDiff) -> None:
     for block in report(d):
         console.print()
         if isinstance(block, Heading):
-            console.print(Text(block.text, style="bold"), soft_wrap=True)
+            console.print(Text(printable(block.text), style="bold"), soft_wrap=True)
         elif isinstance(block, Table):
             table = RichTable(box=None, pad_edge=False, show_edge=False)
             table.add_column("")
@@ -583,12 +610,12 @@ def _rich(d: RecipeDiff) -> None:
                 table.add_column(header, justify="right" if index in block.right else "left")
             for marker, cells in block.rows:
                 style = STYLES[marker]
-                table.add_row(Text(marker, style=style), *(Text(c, style=style if i == 0 else "")
+                table.add_row(Text(marker, style=style), *(Text(printable(c), style=style if i == 0 else "")
                                                             for i, c in enumerate(cells)))
             console.print(table)
         else:
-            console.print(Text(block.title, style="bold"), soft_wrap=True)
+            console.print(Text(printable(block.title), style="bold"), soft_wrap=True)
             for marker, text in block.lines:
                 line = Text(f"  {marker} ", style=STYLES[marker])
-                line.append(text)
+                line.append(printable(text))
                 console.print(line, soft_wrap=True)

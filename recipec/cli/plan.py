@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from recipec.cli.common import compile_reporting
+from recipec.cli.common import add_root_option, compile_reporting, failure_code, json_text
+from recipec.diagnostics import printable
 from recipec.plan import MODEL_OPS, build_plan, plan_json
 
 
@@ -17,6 +17,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", metavar="DIR",
                         help="mark the steps a run would find cached in this store "
                              "(default $RECIPEC_STORE, else .recipec/store when it exists)")
+    add_root_option(parser)
 
 
 def _cached(plan, store: str | None, recipe_file: str) -> set[str] | None:
@@ -33,15 +34,14 @@ def _cached(plan, store: str | None, recipe_file: str) -> set[str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = compile_reporting(args.file)
+    result = compile_reporting(args.file, args.root)
     if not result.ok:
-        return 1
+        return failure_code(result)
     plan = build_plan(result.recipe)
     cached = _cached(plan, args.store, args.file)
     data = plan_json(plan, cached)
     if args.json:
-        json.dump(data, sys.stdout, indent=2, sort_keys=False, ensure_ascii=False)
-        sys.stdout.write("\n")
+        sys.stdout.write(json_text(data) + "\n")
         return 0
     _print_rich(data)
     return 0
@@ -60,21 +60,28 @@ def _human(n: int | None) -> str:
     return str(n)
 
 
+def _text(value) -> str:
+    """A value from the recipe, shown literally: no rich markup, no terminal controls."""
+    from rich.markup import escape
+
+    return escape(printable(str(value)))
+
+
 def _print_rich(data: dict) -> None:
     from rich.console import Console
     from rich.table import Table
     from rich.tree import Tree
 
     console = Console()
-    base = f" (derived from {data['base']})" if data.get("base") else ""
-    console.print(f"[bold]recipe[/] {data['recipe']}{base}  seed {data['seed']}  fingerprint {data['fingerprint'][:12]}")
+    base = f" (derived from {_text(data['base'])})" if data.get("base") else ""
+    console.print(f"[bold]recipe[/] {_text(data['recipe'])}{base}  seed {data['seed']}  fingerprint {data['fingerprint'][:12]}")
 
     models = Table(title="models", title_justify="left")
     for column in ("model", "vision", "language", "projector", "tokens/tile", "vision", "projector", "language", "total"):
         models.add_column(column, justify="right" if column in ("tokens/tile", "total") else "left")
     for name, m in data["models"].items():
         p = m["params"]
-        models.add_row(name, m["vision"], m["language"], m["projector"], str(m["tokens_per_tile"]),
+        models.add_row(name, _text(m["vision"]), _text(m["language"]), m["projector"], str(m["tokens_per_tile"]),
                        _human(p["vision"]), _human(p["projector"]), _human(p["language"]), f"{p['total']:,}")
     console.print(models)
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
-from recipec.diagnostics import Diagnostic, RecipeErrors, Sources, did_you_mean
+from recipec.compiler.files import Includes, IncludeError, include_root
+from recipec.diagnostics import Diagnostic, RecipeErrors, Sources, did_you_mean, printable
 from recipec.syntax import ast
 from recipec.syntax.parser import parse
 
 MAX_DEPTH = 16
+RECIPE_SUFFIX = ".recipe"
+BOM = "\ufeff"
 
 
 def identity(item: ast.Item) -> tuple:
@@ -87,20 +89,19 @@ def _extends(header: ast.Block | None) -> ast.Attribute | None:
     return next((i for i in header.items if isinstance(i, ast.Attribute) and i.key == "extends"), None)
 
 
-def read_text(path: Path) -> str:
-    data = path.read_bytes()
-    return data.decode("utf-8")
+class UnreadableInput(RecipeErrors):
+    """The recipe named on the command line cannot be read (an input error, not a recipe problem)."""
 
 
 def load(path: str | Path, sources: Sources | None = None, *, text: str | None = None,
-         read: Callable[[Path], str] | None = None) -> tuple[ast.Document, Sources, list[str]]:
+         includes: Includes | None = None) -> tuple[ast.Document, Sources, list[str]]:
     """Parse `path` and the recipes it derives from; return the merged tree, the texts read and the chain.
 
-    `read` replaces reading from disk (`recipec diff` reads a git revision's files through it); it
-    raises OSError or UnicodeDecodeError like a file read would.
-    Raises RecipeErrors for unreadable files, syntax errors, derivation cycles and bad removals.
+    `includes` says where included recipes may lie and how they are read (`recipec diff` reads a git
+    revision's files through it). Raises UnreadableInput when `path` itself cannot be read, and
+    RecipeErrors for unreadable bases, syntax errors, derivation cycles and bad removals.
     """
-    read = read or read_text
+    includes = includes or Includes(include_root(path))
     sources = sources or Sources()
     chain: list[str] = []
     documents: list[ast.Document] = []
@@ -110,19 +111,36 @@ def load(path: str | Path, sources: Sources | None = None, *, text: str | None =
     while True:
         shown = str(current)
         if len(chain) >= MAX_DEPTH:
-            raise RecipeErrors([Diagnostic("E401", f"derivation is deeper than {MAX_DEPTH} recipes", via.span if via else None)])
-        resolved = str(current.resolve()) if current_text is None else shown
+            raise RecipeErrors([Diagnostic("E401", f"derivation is deeper than {MAX_DEPTH} recipes", via.value.span if via else None)])
+        try:
+            resolved = str(current.resolve()) if current_text is None else shown
+        except (OSError, RuntimeError, ValueError):
+            resolved = shown
         if resolved in chain:
             cycle = " -> ".join([*(Path(c).name for c in chain), Path(resolved).name])
             raise RecipeErrors([Diagnostic("E401", f"derivation cycle: {cycle}", via.value.span if via else None,
                                            "a recipe cannot extend itself, directly or through others")])
         try:
-            body = current_text if current_text is not None else read(current)
-        except (OSError, UnicodeDecodeError) as error:
-            reason = "is not UTF-8 text" if isinstance(error, UnicodeDecodeError) else (error.strerror or str(error)).lower()
-            raise RecipeErrors([Diagnostic("E402", f"cannot read recipe `{shown}`: {reason}", via.value.span if via else None)]) from None
-        sources.add(shown, body)
-        document = parse(body, shown)
+            body = current_text if current_text is not None else includes.read(current, confined=via is not None)
+        except IncludeError as error:
+            if via is None:
+                raise UnreadableInput([Diagnostic("E402", f"cannot read recipe `{printable(shown)}`: {error.reason}", None,
+                                                  error.hint)]) from None
+            raise RecipeErrors([Diagnostic("E402", f"cannot read recipe `{printable(via.value.value)}`: {error.reason}",
+                                           via.value.span, error.hint)]) from None
+        if body.startswith(BOM):
+            body = body[1:]
+        quote = shown.endswith(RECIPE_SUFFIX) or current_text is not None
+        sources.add(shown, body, quote=quote)
+        try:
+            document = parse(body, shown)
+        except RecipeErrors as errors:
+            if quote:
+                raise
+            # what is not a recipe may be anything: say where it fails, quote nothing of it
+            first = errors.diagnostics[0]
+            raise RecipeErrors([Diagnostic(first.code, f"`{printable(shown)}` is not a recipe (a syntax error here)",
+                                           first.span, f"recipe files end in `{RECIPE_SUFFIX}`")]) from None
         chain.append(resolved)
         documents.append(document)
         extends = _extends(_header(document))
@@ -131,6 +149,10 @@ def load(path: str | Path, sources: Sources | None = None, *, text: str | None =
         if not isinstance(extends.value, ast.String):
             raise RecipeErrors([Diagnostic("E201", "`extends` takes the base recipe's path as a string",
                                            extends.value.span, 'write `extends = "base.recipe"`')])
+        if not extends.value.value.endswith(RECIPE_SUFFIX):
+            raise RecipeErrors([Diagnostic("E402", f"`extends` names a recipe, and `{printable(extends.value.value)}` "
+                                           f"does not end in `{RECIPE_SUFFIX}`", extends.value.span,
+                                           'write `extends = "base.recipe"`')])
         via = extends
         current = Path(os.path.normpath(Path(shown).parent / extends.value.value))
         current_text = None

@@ -9,15 +9,16 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
 from recipec import ir
 from recipec.allocate import allocate
 from recipec.compiler import values as v
+from recipec.compiler.files import IncludeError, Includes, include_root
 from recipec.compiler.reader import MISSING, Context, Reader
-from recipec.diagnostics import Span, did_you_mean
+from recipec.diagnostics import Span, did_you_mean, printable
 from recipec.syntax import ast
 
 # libyaml's safe loader when present: the same safety, ten times faster on a 200-node taxonomy
@@ -46,11 +47,11 @@ def _enum(options: tuple[str, ...] | set[str], what: str):
 
 
 class Lowering:
-    def __init__(self, document: ast.Document, ctx: Context, root: Path, read: Callable[[Path], str] | None = None):
+    def __init__(self, document: ast.Document, ctx: Context, root: Path, includes: Includes | None = None):
         self.document = document
         self.ctx = ctx
         self.root = root  # the directory of the recipe being compiled: IR paths are relative to it
-        self.read = read or (lambda target: target.read_text(encoding="utf-8"))  # included files (prompts, taxonomies)
+        self.includes = includes or Includes(include_root(document.path))  # prompts, taxonomies
         self.blocks: dict[str, dict[str, ast.Block]] = {k: {} for k in BLOCK_KINDS}
         self.model_refs: dict[str, ir.ModelUse] = {}
         self.architectures: dict[str, ir.Architecture] = {}
@@ -70,10 +71,9 @@ class Lowering:
         relative = self.path_of(text, span)
         target = Path(relative) if Path(relative).is_absolute() else self.root / relative
         try:
-            return relative, self.read(target)
-        except (OSError, UnicodeDecodeError) as error:
-            reason = "is not UTF-8 text" if isinstance(error, UnicodeDecodeError) else (error.strerror or str(error)).lower()
-            self.ctx.error("E402", f"cannot read `{text}`: {reason}", span, "paths are relative to the recipe that names them")
+            return relative, self.includes.read(target)
+        except IncludeError as error:
+            self.ctx.error("E402", f"cannot read `{printable(text)}`: {error.reason}", span, error.hint)
             return None
 
     def ref_names(self, reader: Reader, key: str, kinds: dict[str, Any], what: str, default: Any = MISSING) -> tuple[str, ...]:
@@ -427,6 +427,15 @@ class Lowering:
                 value = v.fraction(rule.value)
             else:
                 value = v.real(rule.value)
+        tags: tuple[str, ...] = ()
+        if included is not None:
+            # one tag per line; blank lines and `#` comments skipped; the first spelling of a tag wins
+            lines = (line.split("#", 1)[0].strip() for line in included[1].splitlines())
+            tags = tuple(dict.fromkeys(line for line in lines if line))
+            if not tags:
+                self.ctx.error("E202", f"the tag vocabulary `{printable(vocabulary)}` holds no tag", r.value_span("vocabulary"),
+                               "write one tag per line (objects, scenes, actions)")
+                return None
         except v.ValueProblem as problem:
             self.ctx.error(problem.code, f"`{rule.verb} {rule.field}`: {problem.message}", rule.value.span, problem.hint)
             return None

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import unicodedata
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -140,7 +141,6 @@ SYNTAX_EXAMPLES: dict[tuple[str, str, str], list[str]] = {
         "drop loss 5%",
         "keep score >=",
         "drop loss top",
-        "keep = 1",
     ],
     ("E009", "`remove` needs a path", "write e.g. `remove source.synthetic` or, inside a block, `remove key`"): [
         "remove",
@@ -212,10 +212,26 @@ def _syntax_diagnostic(error: UnexpectedInput, text: str, path: str) -> Diagnost
     span = Span(path, line, column, line, column + 1)
     if isinstance(error, UnexpectedCharacters):
         char = text[error.pos_in_stream] if error.pos_in_stream < len(text) else "?"
+        word = _number_word(text, error.pos_in_stream)
+        if word is not None:
+            start, literal = word
+            at_line, at_column = line, column - (error.pos_in_stream - start)
+            return Diagnostic("E015", f"`{literal}` is not a number", Span(path, at_line, at_column, at_line, at_column + len(literal)),
+                              _unit_hint(literal))
+        if not char.isascii() or (not char.isprintable() and char not in "\t\n"):
+            return Diagnostic("E001", f"unexpected character {_code_point(char)}", span, _lookalike_hint(char))
+        # `"""` never closed lexes as the empty string `""`, then an unterminated `"`
+        if text.startswith('"""', max(0, error.pos_in_stream - 2)) and column > 2:
+            return Diagnostic("E012", 'this """ string is never closed', Span(path, line, column - 2, line, column + 1),
+                              'close it with """')
         if char == '"':
             return Diagnostic("E012", "unterminated string", span, "close the string with `\"` on the same line, or use \"\"\"...\"\"\" for text over several lines")
         hint = _CHAR_HINTS.get(char)
         return Diagnostic("E001", f"unexpected character `{char}`", span, hint)
+    if isinstance(error, UnexpectedToken):
+        special = _token_problem(error, text, path, span)
+        if special is not None:
+            return special
     matched = _catalogue_match(error, text)
     if matched and matched[0] == "E004" and (opening := _unclosed_brace(text, path)):
         return Diagnostic("E004", "this block is never closed", opening, "add `}` where the block ends")
@@ -226,8 +242,9 @@ def _syntax_diagnostic(error: UnexpectedInput, text: str, path: str) -> Diagnost
         return Diagnostic(code, message, span, hint)
     if isinstance(error, UnexpectedToken):
         expected = sorted(error.accepts or error.expected)
+        names = sorted({_token_name(e) for e in expected})
         return Diagnostic("E002", f"unexpected {_describe(error.token)}", span,
-                          "expected " + ", ".join(_TOKEN_NAMES.get(e, e) for e in expected[:6]))
+                          ("expected " + ", ".join(names[:6])) if names else None)
     return Diagnostic("E002", "syntax error", span)
 
 
@@ -246,6 +263,121 @@ def _unclosed_brace(text: str, path: str) -> Span | None:
         return None
     token = stack[-1]
     return Span(path, token.line, token.column, token.line, token.column + 1)
+
+
+KEYWORDS = ("keep", "drop", "remove", "top", "bottom")
+
+# a digit, then what a mistyped number or unit runs on with (`300KB`, `10MM`, `1.5.3`, `300k`)
+_NUMBER_WORD = re.compile(r"-?[0-9][0-9A-Za-z_.%]*")
+_UNIT_SPACE = re.compile(r"(?<![\w.])(-?[0-9]+(?:\.[0-9]+)?)[ \t]+([KMBT%])(?![\w%])")
+
+
+def _number_word(text: str, offset: int) -> tuple[int, str] | None:
+    """(start, text) of the malformed number the lexer stopped in, if it stopped in one."""
+    start = offset
+    while start > 0 and (text[start - 1].isascii() and (text[start - 1].isalnum() or text[start - 1] in "_.%-")):
+        start -= 1
+    while start < offset and not (text[start].isdigit() or (text[start] == "-" and text[start + 1: start + 2].isdigit())):
+        start += 1  # back to where the number begins: `x=1.5.3` starts at `1`, not `x`
+    if start > 0 and (text[start - 1].isalnum() or text[start - 1] == "_"):
+        return None  # inside a name such as `mlp2x_gelu`
+    match = _NUMBER_WORD.match(text, start)
+    if match is None or match.end() <= offset:
+        return None
+    return start, match.group()[:40]
+
+
+def _unit_hint(literal: str) -> str:
+    body = re.match(r"-?[0-9.]*", literal).group()
+    rest = literal[len(body):]
+    if body.count(".") > 1:
+        return "a number has at most one decimal point, e.g. `1.5` (versions are strings: \"1.5.3\")"
+    if rest and rest[0] in "kmbt" and len(rest) == 1:
+        return f"unit suffixes are upper case: `{body}{rest.upper()}`"
+    if rest[:1] in ("K", "M", "B", "T") and len(rest) > 1:
+        return f"a count takes one suffix, K, M, B or T, e.g. `{body}{rest[0]}` (`10M` is ten million)"
+    return "counts end in K, M, B or T (`500K`, `8.6M`), shares in % (`5%`), grids are `2x2`"
+
+
+_CONTROL_NAMES = {0: "NUL", 7: "BELL", 8: "BACKSPACE", 0x1B: "ESCAPE", 0x7F: "DELETE"}
+
+
+def _code_point(char: str) -> str:
+    name = unicodedata.name(char, "") or _CONTROL_NAMES.get(ord(char), "a control character" if not char.isprintable() else "")
+    shown = f"`{char}` " if char.isprintable() and not unicodedata.category(char).startswith("Z") else ""
+    return f"{shown}(U+{ord(char):04X}{' ' + name if name else ''})".replace("``", "`")
+
+
+_LOOKALIKES = {
+    "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u00ab": '"', "\u00bb": '"', "\u2018": "'", "\u2019": "'",
+    "\u2013": "-", "\u2014": "-", "\u2212": "-", "\u00a0": " ", "\u2009": " ", "\u3000": " ", "\uff1d": "=",
+    "\uff5b": "{", "\uff5d": "}", "\uff3b": "[", "\uff3d": "]",
+}
+
+
+def _lookalike_hint(char: str) -> str:
+    if char in ("\u201c", "\u201d", "\u201e", "\u00ab", "\u00bb"):
+        return 'strings use the ASCII double quote `"` (an editor may have turned it into a curly one)'
+    if char == "\ufeff":
+        return "remove the invisible byte-order mark (only one at the very start of the file is allowed)"
+    if char == "\0":
+        return "the file holds a NUL byte: is it a recipe?"
+    if char in _LOOKALIKES:
+        return f"it looks like `{_LOOKALIKES[char]}` but is not ASCII: retype it"
+    base = unicodedata.normalize("NFKD", char)
+    name = unicodedata.name(char, "")
+    for script in ("CYRILLIC", "GREEK", "ARMENIAN"):
+        if name.startswith(script):
+            return f"a {script.title()} letter: names are ASCII letters, digits, `_` and `-`; retype it in ASCII"
+    if base != char and base[:1].isascii():
+        return f"names are ASCII: did you mean `{base[0]}`?"
+    return "names are ASCII letters, digits, `_` and `-`; non-ASCII text belongs in a string"
+
+
+def _token_name(terminal: str) -> str:
+    if terminal in _TOKEN_NAMES:
+        return _TOKEN_NAMES[terminal]
+    if terminal.lower() in KEYWORDS:
+        return f"`{terminal.lower()}`"
+    return "something else"
+
+
+def _token_problem(error: UnexpectedToken, text: str, path: str, span: Span) -> Diagnostic | None:
+    """Mistakes recognised by what surrounds the token: reserved words as names, a unit after a space."""
+    lines = text.split("\n")
+    token = error.token
+    if token.type in ("$END",) or not 0 < span.line <= len(lines):
+        return None
+    current = lines[span.line - 1]
+    before = current[: span.column - 1]
+    keyword = re.fullmatch(r"\s*(keep|drop|remove)\s*", before)
+    if keyword and token.type == "EQUAL":
+        word = keyword.group(1)
+        start = before.index(word) + 1
+        return Diagnostic("E016", f"`{word}` is a reserved word: it starts a rule, so it cannot be a key or a name",
+                          Span(path, span.line, start, span.line, start + len(word)),
+                          f"choose another name, e.g. `{word}_set`" if word != "remove" else "choose another name")
+    if token.type in ("DOT", "NUMBER", "IDENT", "DIMS") and before[-1:].isdigit():
+        word = _number_word(text, token.start_pos)
+        if word is not None:
+            start, literal = word
+            column = span.column - (token.start_pos - start)
+            return Diagnostic("E015", f"`{literal}` is not a number", Span(path, span.line, column, span.line, column + len(literal)),
+                              _unit_hint(literal))
+    if token.type.lower() in KEYWORDS and "IDENT" in (error.accepts or error.expected):
+        return Diagnostic("E016", f"`{token.value}` is a reserved word and cannot be a name here",
+                          span, f"choose another name, e.g. `{token.value}_set`")
+    for number in (span.line - 1, span.line - 2):
+        if 0 <= number < len(lines):
+            line_text = lines[number].split("#")[0].split("//")[0]
+            match = _UNIT_SPACE.search(line_text)
+            if match:
+                column = match.start() + 1
+                literal = match.group(0)
+                return Diagnostic("E015", f"`{literal.strip()}`: a unit is written right after its number",
+                                  Span(path, number + 1, column, number + 1, column + len(literal)),
+                                  f"write `{match.group(1)}{match.group(2)}`")
+    return None
 
 
 _TOKEN_NAMES = {
@@ -341,9 +473,22 @@ class _Builder:
         raise AssertionError(f"unknown value node {kind}")
 
 
+MAX_NESTING = 64  # blocks, lists and calls inside one another; real recipes use four or five
+
+
+def normalise(text: str) -> str:
+    """What the parser reads: without a leading UTF-8 BOM, with `\\r\\n` and lone `\\r` line ends as `\\n`."""
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
+
+
 def parse(text: str, path: str = "<recipe>") -> ast.Document:
     """Parse recipe text; raise RecipeErrors (never a lark exception) when it is not well formed."""
-    comments = _comments(text)
+    text = normalise(text)
+    comments = _comments(text, path)
     parser = _parser()
     try:
         tree = parser.parse(text)
@@ -404,14 +549,40 @@ def _balanced(line: str) -> bool:
 _STRING_OR_COMMENT = re.compile(r'"""[\s\S]*?"""|"(?:[^"\\\n]|\\.)*"|(?P<comment>(?:#|//)[^\n]*)')
 
 
-def _comments(text: str) -> list[ast.Comment]:
-    """Comments with their positions, in one regular-expression pass over the text."""
+# the same, and the brackets outside strings and comments
+_SCAN = re.compile(r'"""[\s\S]*?"""|"(?:[^"\\\n]|\\.)*"|(?P<comment>(?:#|//)[^\n]*)|(?P<open>[{\[(])|(?P<close>[}\])])')
+
+
+def _comments(text: str, path: str = "<recipe>") -> list[ast.Comment]:
+    """Comments with their positions, in one regular-expression pass over the text.
+
+    The same pass measures how deeply blocks, lists and calls nest: past MAX_NESTING levels it raises
+    RecipeErrors at the bracket that goes too deep, before anything recursive sees the text.
+    """
     found: list[ast.Comment] = []
-    for match in _STRING_OR_COMMENT.finditer(text):
-        start = match.start("comment")
-        if start < 0:
-            continue
-        line = text.count("\n", 0, start) + 1
-        column = start - (text.rfind("\n", 0, start) + 1) + 1
-        found.append(ast.Comment(match.group("comment").rstrip(), line, column, line))
+    depth = 0
+    line, counted = 1, 0  # lines counted up to offset `counted`: one pass, however many comments
+
+    def position(offset: int) -> tuple[int, int]:
+        nonlocal line, counted
+        line += text.count("\n", counted, offset)
+        counted = offset
+        return line, offset - (text.rfind("\n", 0, offset) + 1) + 1
+
+    for match in _SCAN.finditer(text):
+        group = match.lastgroup
+        if group == "open":
+            depth += 1
+            if depth > MAX_NESTING:
+                at, column = position(match.start())
+                raise RecipeErrors([Diagnostic("E014", f"blocks, lists and calls nest more than {MAX_NESTING} deep here",
+                                               Span(path, at, column, at, column + 1),
+                                               "flatten the recipe: no recipe needs this depth")])
+        elif group == "close":
+            depth = max(0, depth - 1)
+        elif group == "comment":
+            at, column = position(match.start())
+            found.append(ast.Comment(match.group("comment").rstrip(), at, column, at))
     return found
+
+
