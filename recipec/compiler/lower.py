@@ -427,15 +427,6 @@ class Lowering:
                 value = v.fraction(rule.value)
             else:
                 value = v.real(rule.value)
-        tags: tuple[str, ...] = ()
-        if included is not None:
-            # one tag per line; blank lines and `#` comments skipped; the first spelling of a tag wins
-            lines = (line.split("#", 1)[0].strip() for line in included[1].splitlines())
-            tags = tuple(dict.fromkeys(line for line in lines if line))
-            if not tags:
-                self.ctx.error("E202", f"the tag vocabulary `{printable(vocabulary)}` holds no tag", r.value_span("vocabulary"),
-                               "write one tag per line (objects, scenes, actions)")
-                return None
         except v.ValueProblem as problem:
             self.ctx.error(problem.code, f"`{rule.verb} {rule.field}`: {problem.message}", rule.value.span, problem.hint)
             return None
