@@ -88,6 +88,7 @@ class Source(Node):
     revision: str | None = None
     max_pixels: int = 89_478_485
     columns: dict[str, str] = Field(default_factory=dict)  # unified field -> column in this source
+    scores: tuple[str, ...] = ()  # the numeric fields its records carry (`keep`/`drop` rules may test them)
 
 
 class TaxonomyNode(Node):

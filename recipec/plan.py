@@ -21,7 +21,7 @@ from recipec import ir
 
 # Bump an op's version when its implementation changes what it outputs.
 OP_VERSIONS = {
-    "ingest": 1,
+    "ingest": 2,
     "tag_images": 1,
     "tag_instructions": 1,
     "map_tags": 1,
@@ -34,17 +34,20 @@ OP_VERSIONS = {
     "percentile": 1,
     "merge_turns": 1,
     "collect": 1,
-    "dedup_exact": 1,
-    "dedup_phash": 1,
+    "dedup_exact": 2,
+    "dedup_phash": 2,
     "clean": 1,
     "mix": 1,
-    "export": 1,
+    "export": 2,
     "train": 1,
 }
 
 # Ops that load a model: they run on an engine and are the expensive part of a plan.
 MODEL_OPS = {"tag_images", "tag_instructions", "generate_questions", "judge_relevance", "generate_answers",
              "judge_score", "score_loss", "train"}
+# Ops whose inputs are partly context (tags, mappings, seeds) rather than records they account for
+# one by one; the executor does not hold them to consuming every input record.
+CONTEXT_OPS = MODEL_OPS | {"map_tags"}
 
 
 # Ops that open images: their params carry every data set's image folder (records hold paths
@@ -172,13 +175,24 @@ class _Builder:
                 "seed": r.seed, "data_types": {n: d.data_type for n, d in r.datasets().items()},
                 "categories": {n: d.category for n, d in r.datasets().items()},
             })
-            exported = self.add(f"export.{stage.name}", "export", [mixed], {"stage": stage.name})
+            exported = self.add(f"export.{stage.name}", "export", [mixed], self.export_params(stage, pools))
             inputs = [exported] + ([trained[stage.after]] if stage.after in trained else [])
             model = r.models[stage.model]
             training = {k: v for k, v in _dump(stage).items() if k not in ("mix", "composition", "samples", "balance", "order")}
             trained[stage.name] = self.add(f"train.{stage.name}", "train", inputs,
                                            {"stage": training, "model": _dump(model), "seed": r.seed})
         return Plan(r, self.steps)
+
+    def export_params(self, stage: ir.Stage, pools: dict[str, list[str]]) -> dict[str, Any]:
+        """What the export of `stage` writes (recipe's `export`), its data sets' image folders, and
+        the training settings that travel with the export."""
+        members = sorted({m for e in stage.mix for m in pools.get(e.name, [e.name])})
+        model = self.recipe.models[stage.model]
+        training = {k: v for k, v in _dump(stage).items() if k not in ("mix", "composition", "samples", "balance", "order")}
+        training["model"] = {"name": model.name, "vision": model.vision.ref, "language": model.language.ref,
+                             "projector": model.projector, "vision_layer": model.vision_layer}
+        return {"stage": stage.name, "export": _dump(self.recipe.export),
+                "roots": {m: self.roots.get(m) for m in members}, "training": training}
 
     def synthesis(self, syn: ir.Synthesis, ingest, image_tags, instruction_tags, mappings) -> str:
         r = self.recipe
@@ -190,7 +204,7 @@ class _Builder:
             context = [mappings[syn.mapping], image_tags[mapping.image_tags], instruction_tags[mapping.instruction_tags]]
         model = _dump(syn.model)
         current = self.add(f"{prefix}.questions", "generate_questions", seeds + context, {
-            "model": model, "few_shot": syn.few_shot, "questions_per_image": syn.questions_per_image,
+            "source": syn.name, "seeds": len(seeds), "model": model, "few_shot": syn.few_shot, "questions_per_image": syn.questions_per_image,
             "images": syn.images, "prompt": _dump(syn.prompts.get("question")), "seed": r.seed,
             "max_new_tokens": syn.max_new_tokens, "temperature": syn.temperature})
         rules = {c.field: c for c in syn.rules}

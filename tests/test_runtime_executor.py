@@ -244,7 +244,7 @@ def test_model_ops_get_an_engine_and_data_ops_do_not(project, tmp_path):
 
     loads = []
 
-    def engines(model_use, *, workers):
+    def engines(model_use, *, workers, **_):
         loads.append(model_use["ref"])
         return f"engine for {model_use['ref']}"
 
@@ -253,20 +253,6 @@ def test_model_ops_get_an_engine_and_data_ops_do_not(project, tmp_path):
     assert seen == {"train.s1": "engine for tiny://llava-onevision", "train.s2": "engine for tiny://llava-onevision"}
     assert loads == ["tiny://llava-onevision"]  # one engine, shared by consecutive steps
     assert {o.id for o in result.outcomes} >= {"train.s1", "train.s2"}
-
-
-def test_without_model_engines_a_model_step_fails_clearly(project, tmp_path):
-    def train(ctx, inputs):
-        ctx.engine({"ref": "tiny://llava-onevision"})
-        yield Chunk()
-
-    try:
-        import recipec.models.engines  # noqa: F401
-        pytest.skip("this installation has model engines")
-    except ModuleNotFoundError:
-        pass
-    with pytest.raises(StepFailed, match="no model engines yet"):
-        run_project(project, tmp_path / "store", operations={**FAKE_OPS, "train": train}, until=())
 
 
 def test_cached_steps_for_recipec_plan(project, tmp_path):

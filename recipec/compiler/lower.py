@@ -27,6 +27,8 @@ _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 BLOCK_KINDS = ("recipe", "model", "source", "taxonomy", "prompt", "image_tagger", "instruction_tagger",
                "mapping", "synthesize", "filter", "pool", "stage")
 NAMED = set(BLOCK_KINDS) - {"recipe"}
+# words with a meaning of their own wherever a name may stand (`on = all`, `keep ...`, `x = true`)
+RESERVED = {"all", "true", "false", "keep", "drop", "remove", "top", "bottom"}
 
 MODEL_USE_KEYS = {"engine", "trust_remote_code", "revision", "dtype", "endpoint"}
 CLEAN_RULES = {
@@ -56,6 +58,7 @@ class Lowering:
         self.model_refs: dict[str, ir.ModelUse] = {}
         self.architectures: dict[str, ir.Architecture] = {}
         self.prompts: dict[str, ir.Prompt] = {}
+        self.rule_spans: dict[int, Span] = {}  # id(ir.Condition) -> where its field is written
 
     # ---- helpers --------------------------------------------------------------------------------
 
@@ -122,6 +125,11 @@ class Lowering:
             name = node.value.name
             if name in self.model_refs:
                 base = self.model_refs[name]
+            elif name in self.architectures or _has_architecture(self.blocks["model"].get(name)):
+                self.ctx.error("E307", f"`{name}` is the model the stages train, not one a step can run", node.value.span,
+                               'name a reference model (`model = "Qwen/Qwen2-VL-2B-Instruct"`) or declare '
+                               f'`model {name}_ref {{ ref = "org/name" }}`')
+                return None
             elif name in self.blocks["model"]:
                 return None  # its own block reported the problem
             else:
@@ -204,6 +212,10 @@ class Lowering:
                 self.ctx.error("E106", f"a `{item.kind}` block needs exactly one name", span, f"write `{item.kind} my_name {{ ... }}`")
                 continue
             name = item.labels[0]
+            if name in RESERVED and not (item.quoted and item.quoted[0]):
+                self.ctx.error("E107", f"`{name}` is a reserved word and cannot name a {item.kind}", item.label_spans[0],
+                               f"choose another name, e.g. `{name}_{item.kind}`")
+                continue
             table = self.blocks[item.kind]
             if name in table:
                 self.ctx.error("E103", f"duplicate {item.kind} `{name}`", item.label_spans[0], f"`{name}` is first declared at line {table[name].span.line}")
@@ -244,6 +256,8 @@ class Lowering:
         filters = tuple(f for n, b in self.blocks["filter"].items() if (f := self.filter(n, b, datasets)))
         pools = {n: p for n, b in self.blocks["pool"].items() if (p := self.pool(n, b, datasets, sources))}
         stages = self.stages({**sources, **syntheses}, pools)
+        if not self.ctx.failed:
+            self.check_fields(sources, syntheses, filters)
         if self.ctx.failed:
             return None
         return ir.Recipe(
@@ -348,7 +362,7 @@ class Lowering:
                            levels=levels, tree=tree, leaves=sum(_leaves(n) for n in tree))
 
     def source(self, name: str, block: ast.Block) -> ir.Source | None:
-        keys = {"format", "path", "images", "category", "type", "expect", "license", "revision", "max_pixels"}
+        keys = {"format", "path", "images", "category", "type", "expect", "license", "revision", "max_pixels", "scores"}
         r = Reader(self.ctx, block, keys=keys, blocks={"columns"}, what=f"source `{name}`")
         fmt = r.get("format", _enum(ir.FORMATS, "format"))
         paths = r.get("path", v.strings)
@@ -372,6 +386,7 @@ class Lowering:
             expect=r.get("expect", v.count, None), license=r.get("license", v.string, None),
             revision=r.get("revision", v.string, None),
             max_pixels=r.get("max_pixels", lambda x: v.count(x), 89_478_485), columns=columns,
+            scores=tuple(dict.fromkeys(n for n, _ in (r.get("scores", v.names, []) or []))),
         )
         if fmt is None or paths is None or None in (fields["category"], fields["data_type"], fields["max_pixels"]):
             return None
@@ -432,7 +447,43 @@ class Lowering:
             return None
         model = self.model_use(body, default=None) if rule.body else None
         prompt = self.prompt_value(body, "prompt", f"{owner}.{rule.field}") if rule.body else None
-        return ir.Condition(verb=rule.verb, field=rule.field, op=rule.op, value=value, model=model, prompt=prompt)
+        if rule.body and body.has("model") and model is None:
+            return None  # reported: a rule that lost its model would test a field nothing computes
+        condition = ir.Condition(verb=rule.verb, field=rule.field, op=rule.op, value=value, model=model, prompt=prompt)
+        self.rule_spans[id(condition)] = rule.field_span
+        return condition
+
+    def check_fields(self, sources: dict[str, ir.Source], syntheses: dict[str, ir.Synthesis],
+                     filters: tuple[ir.Filter, ...]) -> None:
+        """Each keep/drop rule tests a field its records have: one their source declares (`scores`), one
+        the synthesis computes (`relevance`, `score`), or one a model rule computes on them before it."""
+        have: dict[str, set[str]] = {name: set(src.scores) for name, src in sources.items()}
+        for name, syn in syntheses.items():
+            have[name] = set()
+            for condition in syn.rules:
+                if condition.model is None and condition.field not in SYNTHESIS_FIELDS:
+                    self.unknown_field(condition, [name], f"synthesize `{name}` computes only "
+                                       + " and ".join(f"`{f}`" for f in sorted(SYNTHESIS_FIELDS)))
+                have[name].add(condition.field)
+        for flt in filters:
+            for op in flt.ops:
+                condition = getattr(op, "condition", None)
+                if condition is None:
+                    continue
+                if condition.model is None:
+                    lacking = [d for d in flt.on if condition.field not in have.get(d, set())]
+                    if lacking:
+                        self.unknown_field(condition, lacking, None)
+                for d in flt.on:
+                    have.setdefault(d, set()).add(condition.field)
+
+    def unknown_field(self, condition: ir.Condition, lacking: list[str], why: str | None) -> None:
+        field = condition.field
+        shown = ", ".join(f"`{d}`" for d in lacking[:3]) + (f" and {len(lacking) - 3} more" if len(lacking) > 3 else "")
+        message = why or f"no step computes `{field}` and {shown} {'does' if len(lacking) == 1 else 'do'} not declare it"
+        hint = (f"compute it with a model (`{condition.verb} {field} ... {{ model = \"org/name\" }}`)"
+                + ("" if why else f", or declare it on the source: `scores = [{field}]`"))
+        self.ctx.error("E108", f"`{condition.verb} {field}`: {message}", self.rule_spans.get(id(condition)), hint)
 
     def synthesis(self, name: str, block: ast.Block) -> ir.Synthesis | None:
         keys = {"from", "mapping", "model", "images", "few_shot", "questions_per_image", "styles", "merge",

@@ -64,7 +64,16 @@ class Loss:
     kind: Literal["loss"] = "loss"
 
 
-Request = Union[Generate, Choose, Loss]
+@dataclass(frozen=True)
+class Tag:
+    """Zero-shot multi-label tagging: one image against a tag vocabulary (image-text models)."""
+
+    images: tuple[Image, ...]  # one image
+    labels: tuple[str, ...]
+    kind: Literal["tag"] = "tag"
+
+
+Request = Union[Generate, Choose, Loss, Tag]
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,12 @@ class LossValue:
 
 
 @dataclass(frozen=True)
+class TagScores:
+    scores: tuple[float, ...]  # a sigmoid probability per label, in the request's label order
+    tokens_in: int = 0
+
+
+@dataclass(frozen=True)
 class RequestError:
     """One request could not be answered. `reason` is a stable reject code."""
 
@@ -98,7 +113,7 @@ class RequestError:
     retryable: bool = False  # a transient failure: not kept in the request cache, asked again next run
 
 
-Result = Union[Generation, Choice, LossValue, RequestError]
+Result = Union[Generation, Choice, LossValue, TagScores, RequestError]
 
 
 class EngineError(Exception):
@@ -128,12 +143,15 @@ def result_to_json(result: Result) -> dict[str, Any]:
     return {"type": type(result).__name__, **asdict(result)}
 
 
-_RESULT_TYPES = {cls.__name__: cls for cls in (Generation, Choice, LossValue, RequestError)}
+_RESULT_TYPES = {cls.__name__: cls for cls in (Generation, Choice, LossValue, TagScores, RequestError)}
 
 
 def result_from_json(data: dict[str, Any]) -> Result:
     data = dict(data)
-    return _RESULT_TYPES[data.pop("type")](**data)
+    kind = _RESULT_TYPES[data.pop("type")]
+    if kind is TagScores:
+        data["scores"] = tuple(data["scores"])
+    return kind(**data)
 
 
 def image_count(messages: Sequence[dict[str, str]]) -> int:

@@ -130,6 +130,46 @@ def build_tokenizer(vocab_size: int, seed: int = 0) -> Any:
 # ---- the models ---------------------------------------------------------------------------------
 
 
+def _learn_turn_taking(model: Any, tokenizer: Any, seed: int, steps: int = 100) -> None:
+    """A few seconds of training on short ChatML exchanges of the corpus' words.
+
+    A random-weight language model almost never ends its turn, so every generation would run
+    to `max_new_tokens`. After this it answers in a few words and closes the turn, as a chat
+    model does, which lets the synthesis steps produce usable (if meaningless) text.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bit-identical builds whatever the machine's core count
+    rng = random.Random(seed + 1)
+    corpus = [line for line in _corpus(seed + 2, lines=512) if len(line) < 40]
+    texts = []
+    for _ in range(256):
+        reply = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(2, 8)))
+        texts.append(tokenizer.apply_chat_template(
+            [{"role": "user", "content": rng.choice(corpus)}, {"role": "assistant", "content": reply}], tokenize=False))
+    tokenizer.padding_side = "right"
+    batch = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    tokenizer.padding_side = "left"
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    language = model.get_decoder() if hasattr(model, "get_decoder") else model
+    head = model.get_output_embeddings()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        rows = torch.randint(0, len(texts), (16,), generator=generator)
+        ids, mask, target = batch["input_ids"][rows], batch["attention_mask"][rows], labels[rows]
+        hidden = language(input_ids=ids, attention_mask=mask).last_hidden_state
+        logits = head(hidden)[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    torch.set_num_threads(threads)
+
+
 def _build(name: str, config: dict[str, Any], seed: int, out: Path) -> None:
     import torch
     import transformers as tf
@@ -171,10 +211,17 @@ def _build(name: str, config: dict[str, Any], seed: int, out: Path) -> None:
         image_processor = SiglipImageProcessorPil(size={"height": size, "width": size})
     else:  # pragma: no cover - resolve_config knows the names
         raise ModelConfigError(f"no builder for tiny://{name}")
+    tokenizer = build_tokenizer(vocab, seed) if vocab is not None else None
+    if name in ("llava-onevision", "qwen2", "qwen2-vl"):
+        _learn_turn_taking(model, tokenizer, seed)
+    if name == "siglip-tagger":
+        # random towers give cosines near 0; with SigLIP's initial bias of -10 no tag would ever
+        # pass a threshold. A zero bias spreads the probabilities around 0.5.
+        with torch.no_grad():
+            model.logit_bias.zero_()
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
-    if vocab is not None:
-        tokenizer = build_tokenizer(vocab, seed)
+    if tokenizer is not None:
         if name == "siglip-tagger":  # SigLIP's text tower pads to its fixed length on the right
             tokenizer.padding_side = "right"
             tokenizer.model_max_length = config["text_config"]["max_position_embeddings"]

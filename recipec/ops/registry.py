@@ -6,7 +6,7 @@ Model-backed ops (tagging, synthesis, scoring, training) are registered by their
 
 from __future__ import annotations
 
-from recipec.ops import clean, collect, cuts, dedup, export, ingest, mix
+from recipec.ops import clean, collect, cuts, dedup, export, ingest, judge, loss, mapping, mix, synthesize, tag
 from recipec.ops.base import Operation
 
 OPERATIONS: dict[str, Operation] = {
@@ -19,6 +19,15 @@ OPERATIONS: dict[str, Operation] = {
     "percentile": cuts.run_percentile,
     "mix": mix.run,
     "export": export.run,
+    "tag_images": tag.run_tag_images,
+    "tag_instructions": tag.run_tag_instructions,
+    "map_tags": mapping.run,
+    "generate_questions": synthesize.run_generate_questions,
+    "judge_relevance": judge.run_judge_relevance,
+    "generate_answers": synthesize.run_generate_answers,
+    "judge_score": judge.run_judge_score,
+    "score_loss": loss.run,
+    "merge_turns": synthesize.run_merge_turns,
 }
 
 # Every reason a data op here may give a reject (stable codes; `clean_*`, `threshold_<field>` and

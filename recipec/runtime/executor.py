@@ -19,8 +19,8 @@ What the executor checks on every op, because the report's counts must add up:
 * `sum(consumed) == records out + rejects + sum(skipped)`: the conservation law; the step's
   `records_in` is `sum(consumed)`.
 * For a data op with inputs, `sum(consumed)` is also the number of input records: an op cannot
-  forget a record. Model-backed ops are exempt from this one, as they also read context tables
-  (tags, mappings) that they do not consume.
+  forget a record. Model-backed ops and the tag mapping (`CONTEXT_OPS`) are exempt from this one,
+  as they also read context tables (tags, mappings, seeds) that they do not consume.
 
 A failing op fails its step: `OperationError` carries a message for the user, any other exception
 is an internal error whose traceback goes to the log. Either way nothing of the step is stored, and
@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from recipec.diagnostics import RecipecError
-from recipec.plan import MODEL_OPS, OP_VERSIONS, Plan, Step
+from recipec.plan import CONTEXT_OPS, MODEL_OPS, OP_VERSIONS, Plan, Step
 from recipec.runtime.progress import RunProgress
 from recipec.runtime.store import DataDigests, Store, StoreError, canonical, plan_keys
 
@@ -158,39 +158,69 @@ def load_operations() -> Mapping[str, Operation]:
     return OPERATIONS
 
 
-def load_engine(model_use: dict[str, Any], *, workers: int) -> Any:
+def load_engine(model_use: dict[str, Any], *, workers: int, models_dir: Path | None = None,
+                base_dir: Path | None = None) -> Any:
+    from recipec.models.engine import EngineError
     from recipec.ops.base import OperationError
 
+    from recipec.models.engines import load_engine as load
+
     try:
-        from recipec.models.engines import load_engine as load
-    except ModuleNotFoundError as e:
-        if e.name != "recipec.models.engines":
-            raise
-        raise OperationError(f"this installation has no model engines yet; cannot load {model_use.get('ref')!r}") from None
-    return load(model_use, workers=workers)
+        return load(model_use, workers=workers, models_dir=models_dir, base_dir=base_dir)
+    except EngineError as e:
+        raise OperationError(str(e)) from None
 
 
 class _Engines:
-    """ctx.engine: loads on first use, keeps one engine at a time."""
+    """ctx.engine: loads on first use, keeps one engine at a time, answers through the request cache."""
 
-    def __init__(self, factory: Callable[..., Any], workers: int):
+    def __init__(self, factory: Callable[..., Any], workers: int, store: Store, recipe_dir: Path):
         self.factory = factory
         self.workers = workers
+        self.store = store
+        self.recipe_dir = recipe_dir
         self._key: str | None = None
         self._engine: Any = None
+        self._cache: Any = None
+        self.used: dict[str, Any] = {}  # model ref -> its cached engine, for this step's counts
 
     def __call__(self, model_use: dict[str, Any]) -> Any:
+        from recipec.models.cache import CachedEngine, RequestCache
+
         key = canonical(model_use)
         if key != self._key:
             self.close()
-            self._engine = self.factory(model_use, workers=self.workers)
+            engine = self.factory(model_use, workers=self.workers, models_dir=self.store.models_dir,
+                                  base_dir=self.recipe_dir)
+            if self._cache is None:
+                self._cache = RequestCache(self.store.requests_path)
+            self._engine = engine if not hasattr(engine, "identity") else CachedEngine(engine, self._cache)
             self._key = key
+        self.used.setdefault(model_use.get("ref", "?"), self._engine)
         return self._engine
+
+    def step_started(self) -> None:
+        self.used = {}
+        if hasattr(self._engine, "counts"):  # an engine kept from the previous step counts afresh
+            from recipec.models.cache import Counts
+
+            self._engine.counts = Counts()
+
+    def step_usage(self) -> dict[str, Any] | None:
+        """Per model the step used: engine identity, requests sent and answered from the cache, tokens."""
+        usage = {ref: {"identity": e.identity, **e.counts.as_dict()} for ref, e in self.used.items() if hasattr(e, "counts")}
+        return usage or None
 
     def close(self) -> None:
         engine, self._engine, self._key = self._engine, None, None
         if engine is not None and hasattr(engine, "close"):
             engine.close()
+
+    def shutdown(self) -> None:
+        self.close()
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
 
 
 def _missing_ops_message(plan: Plan, selected: list[str], missing: list[str], operations: Mapping[str, Operation]) -> str:
@@ -266,7 +296,7 @@ def execute(
         log.info("run of %s: %d step(s) selected, %d cached, %d to run, workers=%d, store=%s",
                  plan.recipe.name, len(selected), len(selected) - len(to_run), len(to_run), workers, store.root)
         runner = _StepRunner(plan, store, keys, recipe_dir, workers, operations, progress,
-                             _Engines(engines or load_engine, workers))
+                             _Engines(engines or load_engine, workers, store, recipe_dir))
         outcomes: list[StepOutcome] = []
         progress.start(len(selected))
         try:
@@ -281,7 +311,7 @@ def execute(
                     outcome = runner.run(step, position)
                 outcomes.append(outcome)
         finally:
-            runner.engines.close()
+            runner.engines.shutdown()
             progress.close()
 
     return RunResult(plan, recipe_dir, keys, selected, outcomes, [resolve_step(plan, u) for u in until],
@@ -332,18 +362,20 @@ class _StepRunner:
             input_dirs=[self.store.step_dir(self.keys[i]) for i in step.inputs],
             work_dir=self.store.work_dir(key), models_dir=self.store.models_dir)
         writer = self.store.writer(key)
+        self.engines.step_started()
         try:
             tally = _Tally(step)
             for chunk in self.operations[step.op](ctx, inputs):
                 tally.write(chunk, writer)
                 step_progress.chunk_consumed(chunk.consumed)
             del inputs
-            tally.finish(writer, input_rows if step.inputs and step.op not in MODEL_OPS else None)
+            tally.finish(writer, input_rows if step.inputs and step.op not in CONTEXT_OPS else None)
             manifest = writer.commit({
                 "step": step.id, "op": step.op, "op_version": OP_VERSIONS.get(step.op), "fingerprint": step.fingerprint,
                 "params": step.params, "inputs": [{"step": i, "key": self.keys[i]} for i in step.inputs],
                 "records_in": tally.consumed, "records_out": tally.out, "dropped": dict(sorted(tally.dropped.items())),
-                "composition": tally.composition(), "seconds": round(time.perf_counter() - started, 3)})
+                "composition": tally.composition(), "seconds": round(time.perf_counter() - started, 3),
+                **({"models": usage} if (usage := self.engines.step_usage()) else {})})
             shutil.rmtree(ctx.work_dir, ignore_errors=True)
         except (OperationError, StoreError) as e:
             writer.abort()

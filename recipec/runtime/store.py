@@ -293,7 +293,8 @@ class Store:
         self.steps_dir = self.root / "steps"
         self.tmp_dir = self.root / "tmp"
         self.cache_dir = self.root / "cache"
-        self.models_dir = self.root / "models"  # tiny:// models built for runs on this store
+        # tiny:// models built for runs on this store (RECIPEC_MODEL_CACHE shares one folder among stores)
+        self.models_dir = Path(os.environ.get("RECIPEC_MODEL_CACHE") or self.root / "models")
         self.requests_path = self.cache_dir / "requests.sqlite"  # every finished model request
         self.lock = StoreLock(self.root)
 
