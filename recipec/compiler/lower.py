@@ -27,6 +27,7 @@ _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 BLOCK_KINDS = ("recipe", "model", "source", "taxonomy", "prompt", "image_tagger", "instruction_tagger",
                "mapping", "synthesize", "filter", "pool", "stage")
 NAMED = set(BLOCK_KINDS) - {"recipe"}
+SYNTHESIS_FIELDS = {"relevance", "score"}  # what a synthesis's own judge steps compute
 # words with a meaning of their own wherever a name may stand (`on = all`, `keep ...`, `x = true`)
 RESERVED = {"all", "true", "false", "keep", "drop", "remove", "top", "bottom"}
 
@@ -866,6 +867,10 @@ def _projector(value: ast.Value) -> str:
     if isinstance(value, ast.Name) and (value.name == "linear" or re.fullmatch(r"mlp[1-9]x_gelu", value.name)):
         return value.name
     raise v.ValueProblem("E203", "unknown projector", "use `mlp2x_gelu` (LLaVA-OneVision), `mlpNx_gelu` or `linear`")
+
+
+def _has_architecture(block: ast.Block | None) -> bool:
+    return block is not None and any(isinstance(i, ast.Attribute) and i.key == "architecture" for i in block.items)
 
 
 def _taxonomy_node(data: Any) -> ir.TaxonomyNode:
