@@ -609,7 +609,31 @@ class Lowering:
             if stage is not None:
                 result.append(stage)
             previous = name
+        self.check_order(result)
         return tuple(result)
+
+    def check_order(self, stages: list[ir.Stage]) -> None:
+        """`after` links stages into chains of checkpoints: a cycle would start no stage at all."""
+        after = {s.name: s.after for s in stages}
+        reported: set[str] = set()
+        for start in after:
+            seen: list[str] = []
+            current: str | None = start
+            while current is not None and current not in seen and current not in reported:
+                seen.append(current)
+                current = after.get(current)
+            if current is not None and current in seen:
+                cycle = seen[seen.index(current):]
+                reported.update(cycle)
+                written = [(n, next((i for i in self.blocks["stage"][n].items if isinstance(i, ast.Attribute)
+                                     and i.key == "after"), None)) for n in cycle]
+                name, node = next(((n, i) for n, i in written if i is not None), written[0])
+                block = self.blocks["stage"][name]
+                path = " -> ".join([*cycle, cycle[0]])
+                self.ctx.error("E306", f"stages wait for each other in a cycle: {path}",
+                               node.value.span if node else block.kind_span,
+                               "one stage of the cycle must start from the one before it or from the base model")
+            reported.update(seen)
 
     def stage(self, name, block, datasets, pools, previous, parts_taken, parts_n) -> ir.Stage | None:
         keys = {"model", "train", "image_size", "grid", "max_tiles", "image_token_budget", "lr", "vision_lr",
@@ -628,7 +652,12 @@ class Lowering:
         for part in ir.TRAINABLE_PARTS:
             if r.has(f"{part}_lr"):
                 part_lr[part] = r.get(f"{part}_lr", lambda x: v.real(x, minimum=0.0, maximum=10.0))
-        after = self.ref_name(r, "after", {k: 1 for k in self.blocks["stage"] if k != name}, "stage", previous)
+        if isinstance(getattr(r.node("after"), "value", None), ast.Name) and r.node("after").value.name == name:
+            self.ctx.error("E306", f"stage `{name}` cannot come after itself", r.value_span("after"),
+                           f"name the stage whose checkpoint `{name}` starts from")
+            after = None
+        else:
+            after = self.ref_name(r, "after", {k: 1 for k in self.blocks["stage"] if k != name}, "stage", previous)
         samples = r.get("samples", v.count, None)
         order = r.get("order", _order, ir.Order())
         balance = self.balance(r)
@@ -661,8 +690,18 @@ class Lowering:
                 self.ctx.error("E304", f"grid {grid[0]}x{grid[1]} with up to {tiles} tiles gives {tokens:,} image tokens, "
                                f"over the stage's budget of {budget:,}", r.value_span("grid"),
                                f"set `max_tiles = {max(fit, 1)}` or a smaller grid" if fit >= 1 else "raise `image_token_budget`")
-        if max_tiles is not None and grid is not None and grid == (1, 1):
+        grid_written = r.node("grid") is None or isinstance(r.node("grid").value, ast.Dims)  # not a default after an error
+        if max_tiles is not None and grid is not None and grid == (1, 1) and grid_written:
             self.ctx.warning("W301", "`max_tiles` has no effect with a 1x1 grid", r.key_span("max_tiles"))
+        elif max_tiles is not None and grid is not None and max_tiles > grid[0] * grid[1] and grid_written:
+            self.ctx.warning("W302", f"`max_tiles = {max_tiles}` is never reached: a {grid[0]}x{grid[1]} grid has "
+                             f"{grid[0] * grid[1]} tiles", r.value_span("max_tiles"),
+                             f"set `max_tiles = {grid[0] * grid[1]}`, or a grid with more tiles")
+        if tokens is not None and fields["max_length"] is not None and tokens >= fields["max_length"] \
+                and not (budget is not None and tokens > budget):  # one report for one grid
+            self.ctx.error("E305", f"up to {tokens:,} image tokens per sample leave no room in `max_length = "
+                           f"{fields['max_length']:,}`", r.value_span("grid") if r.has("grid") else block.kind_span,
+                           f"raise `max_length` above {tokens:,}, or lower `grid` or `max_tiles`")
         required = {k: val for k, val in fields.items() if k != "micro_batch"}
         if entries is None or architecture is None or None in required.values() or None in part_lr.values():
             return None
@@ -709,6 +748,10 @@ class Lowering:
                 self.ctx.error("E203", f"unknown model part `{part}`", part_node.span, did_you_mean(part, ir.TRAINABLE_PARTS))
                 return None
             parts.append(part)
+        if not parts:
+            self.ctx.error("E202", "`train = []` trains nothing", node.value.span,
+                           "name what the stage trains: `train = [projector]`, `train = [projector, language]` or `train = all`")
+            return None
         return tuple(p for p in ir.TRAINABLE_PARTS if p in parts)
 
     def balance(self, r: Reader) -> ir.Balance | None:
