@@ -124,9 +124,19 @@ def allocate(stage_mix: tuple[ir.MixEntry, ...], available: dict[str, dict[str, 
     total = samples if samples is not None else fixed_total
 
     if balance is not None and samples is not None:
+        present = sorted({(groups or {}).get(source, source) for entry in stage_mix for source in available.get(entry.name, {})})
+        if present and balance.max_share * len(present) < 1.0 - 1e-9:
+            result.problems.append(Problem("", "E302", f"{len(present)} {_plural(balance.by)} at most {_percent(balance.max_share)} each "
+                                           f"can fill only {100 * balance.max_share * len(present):.4g}% of the samples",
+                                           f"raise `max_share` to at least {_percent(1 / len(present))}, or mix more {_plural(balance.by)}",
+                                           capacity=False))
+        if present and balance.min_share * len(present) > 1.0 + 1e-9:
+            result.problems.append(Problem("", "E302", f"{len(present)} {_plural(balance.by)} at least {_percent(balance.min_share)} each "
+                                           f"need {100 * balance.min_share * len(present):.4g}% of the samples",
+                                           f"lower `min_share` to at most {_percent(1 / len(present))}", capacity=False))
         result.by_entry = _balanced(stage_mix, available, samples, balance, groups or {})
         result.total = sum(sum(v.values()) for v in result.by_entry.values())
-        if result.total < samples:
+        if result.total < samples and not any(p.code == "E302" for p in result.problems):
             result.problems.append(Problem("", "E302", f"balancing can fill only {result.total:,} of {samples:,} samples",
                                            "lower `samples` or add sources"))
         return result
@@ -155,6 +165,17 @@ def allocate(stage_mix: tuple[ir.MixEntry, ...], available: dict[str, dict[str, 
         if realised > samples:
             result.problems.append(Problem("", "E302", f"the mixture takes {realised:,} samples but the stage has `samples = {_short(samples)}`",
                                            "lower the counts or raise `samples`"))
+        elif shares and realised < samples:
+            # what shares and counts leave unfilled is known from the recipe alone, sizes aside
+            written = sum(e.count or 0 for e in stage_mix if e.kind in ("count", "first", "random")) + sum(share_counts.values())
+            sized = any(e.kind in ("all", "part", "cap") for e in stage_mix)
+            arithmetic = not sized and written < samples
+            if arithmetic or not any(p.code == "E302" for p in result.problems):
+                result.problems.append(Problem("", "E302", f"the mixture fills {min(realised, written) if arithmetic else realised:,} "
+                                               f"of the stage's {samples:,} samples"
+                                               + (f" (shares add up to {share_sum * 100:.4g}%)" if share_sum < 1.0 - 1e-9 else ""),
+                                               "make the shares add up to 100%, or let a line take the rest with `weight(1)`",
+                                               capacity=not arithmetic))
     # keep the order the mixture was written in
     result.by_entry = {e.name: by_entry.get(e.name, {}) for e in stage_mix}
     result.total = sum(sum(v.values()) for v in result.by_entry.values())
@@ -183,6 +204,14 @@ def _balanced(stage_mix, available, samples, balance: ir.Balance, groups: dict[s
             entry, source = key.split("\x00")
             by_entry[entry][source] = by_entry[entry].get(source, 0) + n
     return by_entry
+
+
+def _plural(by: str) -> str:
+    return {"data_type": "data types", "source": "sources", "category": "categories"}.get(by, by)
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:.4g}%"
 
 
 def _short(n: int) -> str:

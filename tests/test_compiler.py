@@ -104,14 +104,15 @@ def test_invalid_recipe_reports_expected_diagnostics(recipe):
 def test_units_are_normalised(tmp_path):
     result = compile_text(tmp_path, 'recipe "t" { seed = 1 }' + MODEL + '''
 source a { format = llava_jsonl  path = "a.jsonl"  expect = 8.6M }
-stage s { lr = 1e-5  warmup = 5%  samples = 500K  mix { a = 30% } }
+source b { format = llava_jsonl  path = "b.jsonl"  expect = 1M }
+stage s { lr = 1e-5  warmup = 5%  samples = 500K  mix { a = 30%  b = weight(1) } }
 ''')
     assert result.ok, [d.header() for d in result.diagnostics]
     stage = result.recipe.stages[0]
     assert stage.lr == 1e-5 and stage.warmup == 0.05 and stage.samples == 500_000
     assert stage.mix[0].kind == "share" and stage.mix[0].share == 0.3
     assert result.recipe.sources["a"].expect == 8_600_000
-    assert stage.composition.by_source == {"a": 150_000}
+    assert stage.composition.by_source == {"a": 150_000, "b": 350_000}
 
 
 def test_fractional_count_is_rejected(tmp_path):

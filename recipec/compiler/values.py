@@ -30,14 +30,44 @@ def _wrong(expected: str, value: ast.Value, hint: str | None = None) -> ValuePro
     return ValueProblem("E201", f"expected {expected}, found {describe(value)}", hint)
 
 
+# Every number in a recipe lies within a signed 64-bit integer's range once its unit is applied, and
+# is zero or at least 1e-100 in size: checked on the literal's exponent before any arithmetic, so
+# `1e999999999` costs nothing and no float is ever infinite.
+MAX_NUMBER = 2**63 - 1
+MIN_EXPONENT = -100
+MAX_GRID = 32
+
+
 def _decimal(value: ast.Number) -> tuple[Decimal, str]:
     text = value.text
     suffix = text[-1] if text[-1] in "KMBT%" else ""
     body = text[:-1] if suffix else text
     try:
-        return Decimal(body), suffix
+        number = Decimal(body)
     except InvalidOperation:  # the grammar admits nothing else, but stay total
         raise ValueProblem("E201", f"`{text}` is not a number") from None
+    if not number.is_finite():
+        raise ValueProblem("E201", f"`{text}` is not a number")
+    if number:
+        scale = {"%": -2}.get(suffix, len(str(SCALES.get(suffix, 1))) - 1)
+        exponent = number.adjusted() + scale
+        if exponent > 18 or (exponent == 18 and abs(number.scaleb(scale)) > MAX_NUMBER):
+            raise ValueProblem("E202", f"`{_clip(text)}` is out of range", f"numbers in a recipe are at most {show(MAX_NUMBER)}")
+        if exponent < MIN_EXPONENT:
+            raise ValueProblem("E202", f"`{_clip(text)}` is too small to be represented", "write 0 if zero is meant")
+    return number, suffix
+
+
+def _clip(text: str, width: int = 24) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def show(number: float | int) -> str:
+    """A number as a message shows it: `4,096`, `0.5`, `9.22e+18` (never a wall of digits)."""
+    if isinstance(number, float) and not number.is_integer():
+        return f"{number:g}"
+    number = int(number)
+    return f"{number:,}" if abs(number) < 10**15 else f"{number:.3g}"
 
 
 def count(value: ast.Value, *, allow_zero: bool = False) -> int:
@@ -61,9 +91,12 @@ def integer(value: ast.Value, *, minimum: int | None = None, maximum: int | None
     if not isinstance(value, ast.Number):
         raise _wrong("an integer", value)
     number, suffix = _decimal(value)
-    if suffix == "%" or number != number.to_integral_value():
+    if suffix == "%":
+        raise ValueProblem("E201", f"expected an integer, found the share `{value.text}`")
+    scaled = number * SCALES.get(suffix, 1)  # `1.5K` is the integer 1500
+    if scaled != scaled.to_integral_value():
         raise ValueProblem("E201", f"expected an integer, found `{value.text}`")
-    result = int(number * SCALES.get(suffix, 1))
+    result = int(scaled)
     _bounds(value.text, result, minimum, maximum)
     return result
 
@@ -79,7 +112,7 @@ def real(value: ast.Value, *, minimum: float | None = None, maximum: float | Non
         number = number * SCALES[suffix]
     result = float(number)
     if exclusive_minimum and minimum is not None and result <= minimum:
-        raise ValueProblem("E202", f"`{value.text}` must be greater than {_show(minimum)}")
+        raise ValueProblem("E202", f"`{value.text}` must be greater than {show(minimum)}")
     _bounds(value.text, result, minimum, maximum)
     return result
 
@@ -103,15 +136,11 @@ def is_share(value: ast.Value) -> bool:
     return isinstance(value, ast.Number) and value.text.endswith("%")
 
 
-def _show(number: float) -> str:
-    return str(int(number)) if float(number).is_integer() else str(number)
-
-
 def _bounds(text: str, result: float, minimum: float | None, maximum: float | None) -> None:
     if minimum is not None and result < minimum:
-        raise ValueProblem("E202", f"`{text}` is below the minimum {_show(minimum)}")
+        raise ValueProblem("E202", f"`{_clip(text)}` is below the minimum {show(minimum)}")
     if maximum is not None and result > maximum:
-        raise ValueProblem("E202", f"`{text}` is above the maximum {_show(maximum)}")
+        raise ValueProblem("E202", f"`{_clip(text)}` is above the maximum {show(maximum)}")
 
 
 def string(value: ast.Value) -> str:
@@ -160,11 +189,18 @@ def dims(value: ast.Value) -> tuple[int, int]:
         raise _wrong("a grid such as `2x2`", value)
     if value.first < 1 or value.second < 1:
         raise ValueProblem("E202", f"`{value.text}` must have at least one row and one column")
+    if value.first > MAX_GRID or value.second > MAX_GRID:
+        raise ValueProblem("E202", f"`{_clip(value.text)}` is larger than any tile grid ({MAX_GRID}x{MAX_GRID} at most)",
+                           "LLaVA-OneVision grids go up to 6x6")
     return value.first, value.second
 
 
 def token_budget(value: ast.Value) -> int:
     """`7290` or `10x729` (ten tiles' worth of 729 tokens)."""
     if isinstance(value, ast.Dims):
+        if value.first < 1 or value.second < 1:
+            raise ValueProblem("E202", f"`{value.text}` must be positive")
+        if value.first * value.second > MAX_NUMBER:
+            raise ValueProblem("E202", f"`{_clip(value.text)}` is out of range")
         return value.first * value.second
     return integer(value, minimum=1)

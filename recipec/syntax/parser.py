@@ -391,6 +391,9 @@ _TOKEN_NAMES = {
 # ---- tree conversion ----------------------------------------------------------------------------
 
 
+_BAD_IN_STRING = re.compile("[\x00\ud800-\udfff]")  # only reachable through \\u escapes
+
+
 class _Builder:
     def __init__(self, path: str):
         self.path = path
@@ -445,11 +448,19 @@ class _Builder:
 
     def string(self, token: Token) -> str:
         try:
-            return json.loads(str(token))
+            text = json.loads(str(token))
         except json.JSONDecodeError:
             self.errors.append(Diagnostic("E013", "invalid escape in string", self.span(token),
                                           "use \\\" \\\\ \\n \\t or \\uXXXX"))
             return str(token)[1:-1]
+        found = _BAD_IN_STRING.search(text)
+        if found is not None:
+            bad = found.group()
+            what = "a NUL character" if bad == "\0" else f"a lone surrogate `\\u{ord(bad):04x}`"
+            self.errors.append(Diagnostic("E013", f"a string cannot hold {what}", self.span(token),
+                                          "write the character itself, or a surrogate pair \\ud83d\\ude00 for one above U+FFFF"
+                                          if bad != "\0" else "remove the \\u0000 escape"))
+        return text
 
     def value(self, node: Tree | Token) -> ast.Value:
         span = self.span(node)
@@ -462,6 +473,10 @@ class _Builder:
             return ast.Number(str(node.children[0]), span)
         if kind == "dims":
             first, second = str(node.children[0]).split("x")
+            if len(first) > 18 or len(second) > 18:  # past any grid or budget; int() of 5,000 digits fails
+                self.errors.append(Diagnostic("E202", f"`{first[:10]}...x...` is out of range", span,
+                                              "a grid is `2x2`, a token budget `10x729`"))
+                return ast.Dims(1, 1, span)
             return ast.Dims(int(first), int(second), span)
         if kind == "name":
             return ast.Name(str(node.children[0]), span)
