@@ -150,16 +150,33 @@ def test_source_digest_covers_data_content_and_image_listing(tmp_path):
     assert digest() != second
 
 
-def test_image_listing_follows_links_without_looping(tmp_path):
+def test_image_listing_follows_links_inside_the_root_only(tmp_path):
     (tmp_path / "images/a").mkdir(parents=True)
+    (tmp_path / "images/b").mkdir()
     (tmp_path / "images/a/1.png").write_bytes(b"png")
     (tmp_path / "images/a/loop").symlink_to(tmp_path / "images")
+    (tmp_path / "images/a/to_b").symlink_to(tmp_path / "images/b")
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "images/linked").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "images/everything").symlink_to("/")  # must not walk the filesystem
     digests = DataDigests(FileDigests(tmp_path / "cache.json"))
     first = digests.listing(str(tmp_path / "images"))
-    (tmp_path / "elsewhere/2.png").write_bytes(b"png")
+    (tmp_path / "elsewhere/2.png").write_bytes(b"png")  # outside the root: not its data
+    assert DataDigests(FileDigests(tmp_path / "cache.json")).listing(str(tmp_path / "images")) == first
+    (tmp_path / "images/b/3.png").write_bytes(b"png")  # inside, reached directly and through a link
     assert DataDigests(FileDigests(tmp_path / "cache.json")).listing(str(tmp_path / "images")) != first
+    from recipec.runtime.store import _walk
+
+    assert [rel for rel, _ in _walk(str(tmp_path / "images"))] == ["a/1.png", "a/to_b/3.png"]  # each real folder once
+
+
+def test_a_linked_image_root_is_followed(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real/1.png").write_bytes(b"png")
+    (tmp_path / "images").symlink_to(tmp_path / "real")
+    from recipec.runtime.store import _walk
+
+    assert [rel for rel, _ in _walk(str(tmp_path / "images"))] == ["1.png"]
 
 
 def test_source_digest_does_not_depend_on_where_the_project_is(tmp_path):

@@ -352,11 +352,14 @@ class Lowering:
         relative, text = included
         span = r.value_span("file")
         try:
+            _plain_yaml(text)
             data = yaml.load(text, Loader=_YAML_LOADER)
+            if not isinstance(data, dict) or not isinstance(data.get("tree"), list):
+                raise ValueError("its top level must be a mapping whose `tree` is a list of nodes")
             tree = tuple(_taxonomy_node(n) for n in data["tree"])
             levels = tuple(str(x) for x in data.get("levels", ()))
-        except (yaml.YAMLError, KeyError, TypeError, ValueError) as error:
-            self.ctx.error("E402", f"`{relative}` is not a taxonomy: {str(error).splitlines()[0]}", span,
+        except (yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError) as error:
+            self.ctx.error("E402", f"`{printable(relative)}` is not a taxonomy: {_yaml_problem(error)}", span,
                            "a taxonomy file has `tree:` with nodes of `name` and `children`")
             return None
         return ir.Taxonomy(name=name, file=relative, sha256=hashlib.sha256(text.encode()).hexdigest(),
@@ -910,6 +913,42 @@ def _projector(value: ast.Value) -> str:
     if isinstance(value, ast.Name) and (value.name == "linear" or re.fullmatch(r"mlp[1-9]x_gelu", value.name)):
         return value.name
     raise v.ValueProblem("E203", "unknown projector", "use `mlp2x_gelu` (LLaVA-OneVision), `mlpNx_gelu` or `linear`")
+
+
+MAX_YAML_DEPTH = 64  # mappings and lists inside one another: a 3-level taxonomy needs 7
+MAX_YAML_NODES = 200_000
+
+
+def _plain_yaml(text: str) -> None:
+    """Refuse YAML that could expand or recurse: aliases (`*a`, a billion laughs or a cycle), deep nesting, huge counts.
+
+    Checked on the parser's events, before anything is built from them.
+    """
+    depth = nodes = 0
+    for event in yaml.parse(text, Loader=_YAML_LOADER):
+        if isinstance(event, yaml.AliasEvent):
+            raise ValueError(f"it uses a YAML alias (line {event.start_mark.line + 1}); write the nodes out")
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise ValueError(f"it nests deeper than {MAX_YAML_DEPTH} levels (line {event.start_mark.line + 1})")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+        if isinstance(event, (yaml.ScalarEvent, yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            nodes += 1
+            if nodes > MAX_YAML_NODES:
+                raise ValueError(f"it has more than {MAX_YAML_NODES:,} nodes")
+
+
+def _yaml_problem(error: Exception) -> str:
+    """What is wrong with a YAML file, without quoting it."""
+    if isinstance(error, yaml.MarkedYAMLError):
+        mark = error.problem_mark or error.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        return printable(f"{error.problem or error.context or 'not valid YAML'}{where}")
+    if isinstance(error, KeyError):
+        return f"it has no {error}"
+    return printable(str(error).splitlines()[0] if str(error) else type(error).__name__)
 
 
 def _has_architecture(block: ast.Block | None) -> bool:

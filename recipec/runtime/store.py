@@ -210,15 +210,22 @@ class DataDigests:
 def _walk(root: str) -> Iterator[tuple[str, os.stat_result]]:
     """Every file under `root` as (POSIX path relative to it, stat), in a fixed order.
 
-    Linked folders are followed (image roots are often links), each real folder once, so a link
-    cycle cannot loop.
+    Linked folders are followed (image roots are often links) only where they lead to a folder
+    inside the root's real path, each real folder once, so a link cycle cannot loop and a link to
+    `/` cannot walk the filesystem.
     """
+    real_root = os.path.realpath(root)
+    inside = real_root.rstrip(os.sep) + os.sep
     stack = [""]
     seen: set[tuple[int, int]] = set()
     while stack:
         rel_dir = stack.pop()
         path = os.path.join(root, rel_dir)
         try:
+            if rel_dir and os.path.islink(path):
+                target = os.path.realpath(path)
+                if target != real_root and not target.startswith(inside):
+                    continue  # a link out of the root: not part of the data
             st = os.stat(path)
             if (st.st_dev, st.st_ino) in seen:
                 continue
