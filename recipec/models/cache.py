@@ -86,6 +86,7 @@ class CachedEngine:
         self.engine = engine
         self.cache = cache
         self.identity = engine.identity
+        self.chunk_size = getattr(engine, "chunk_size", None)
         self.counts = Counts()
 
     def generate(self, requests):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -25,7 +26,7 @@ from typing import Any
 
 from recipec.models.configs import TINY_SCHEME, ModelConfigError, resolve_config
 
-BUILD_VERSION = 1  # bump when a build changes for the same config and seed
+BUILD_VERSION = 2  # bump when a build changes for the same config and seed
 SPECIALS = ["<|endoftext|>", "<|im_end|>", "<|im_start|>", "<|vision_start|>", "<|vision_end|>"]
 MEDIA = ["<image>", "<video>"]
 
@@ -216,9 +217,10 @@ def _build(name: str, config: dict[str, Any], seed: int, out: Path) -> None:
         _learn_turn_taking(model, tokenizer, seed)
     if name == "siglip-tagger":
         # random towers give cosines near 0; with SigLIP's initial bias of -10 no tag would ever
-        # pass a threshold. A zero bias spreads the probabilities around 0.5.
+        # pass a threshold. A zero bias and a steep scale spread the probabilities over (0, 1).
         with torch.no_grad():
             model.logit_bias.zero_()
+            model.logit_scale.fill_(math.log(40.0))
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:

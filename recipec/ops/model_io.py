@@ -1,9 +1,10 @@
 """What the model-backed operations share: records as chat requests, prompts, asking in fixed chunks.
 
-Requests go to the engine in chunks of `REQUEST_CHUNK`, always in the same order for the same
-inputs, so the chunks (and the batches an engine forms inside each) are the same in every run:
-a resumed run asks exactly the requests a killed one did not finish, grouped as they would have
-been. The request cache answers the rest.
+Requests go to the engine in chunks (the engine's `chunk_size`, a few of its batches; else
+`REQUEST_CHUNK`), always in the same order for the same inputs, so the chunks (and the batches an
+engine forms inside each) are the same in every run: a resumed run asks exactly the requests a
+killed one did not finish, grouped as they would have been. The request cache answers the rest
+and keeps each chunk's answers as soon as the chunk is done.
 """
 
 from __future__ import annotations
@@ -82,8 +83,9 @@ def transcript(record: dict[str, Any]) -> str:
 def ask(ctx: StepContext, engine: Any, method: str, requests: Sequence[Any]) -> Iterator[Any]:
     """The engine's answers to `requests`, in order, asked chunk by chunk with progress."""
     call: Callable[[list[Any]], list[Any]] = getattr(engine, method)
-    for start in range(0, len(requests), REQUEST_CHUNK):
-        chunk = list(requests[start:start + REQUEST_CHUNK])
+    size = getattr(engine, "chunk_size", None) or REQUEST_CHUNK
+    for start in range(0, len(requests), size):
+        chunk = list(requests[start:start + size])
         answers = call(chunk)
         if len(answers) != len(chunk):
             raise OperationError(f"the engine answered {len(answers)} of {len(chunk)} requests")
