@@ -276,6 +276,18 @@ class Stage(Node):
     composition: Composition
 
 
+EXPORT_FORMATS = ("llava", "hf_dataset", "parquet", "messages")
+IMAGE_MODES = ("link", "copy", "hardlink")
+
+
+class Export(Node):
+    """What each stage's export writes (recipec.ops.export) and how its image folder is made."""
+
+    formats: tuple[Literal["llava", "hf_dataset", "parquet", "messages"], ...] = ("llava",)
+    images: Literal["link", "copy", "hardlink"] = "link"  # per-file links, copies or hard links
+    embed_images: bool = False  # hf_dataset and parquet hold the image bytes (an `Image` feature)
+
+
 class Recipe(Node):
     ir_version: int = IR_VERSION
     name: str
@@ -295,6 +307,7 @@ class Recipe(Node):
     filters: tuple[Filter, ...] = ()
     pools: dict[str, Pool] = Field(default_factory=dict)
     stages: tuple[Stage, ...] = ()
+    export: Export = Export()
 
     def datasets(self) -> dict[str, Source | Synthesis]:
         """Every name a mixture or filter can draw from directly: sources and synthesized sets."""

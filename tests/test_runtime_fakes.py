@@ -159,10 +159,13 @@ def fake_mix(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
 
 def fake_export(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
     table = _all(inputs)
-    lines = [json.dumps({"id": r["id"], "conversations": r["conversations"]}) for r in table.to_pylist()]
+    rows = table.to_pylist()
+    lines = [json.dumps({"id": r["id"], "conversations": r["conversations"]}) for r in rows]
+    images = sorted({(f"{r['source']}/{i['path']}", i["sha256"]) for r in rows for i in r["images"]})
     yield Chunk(records=table, consumed=table.num_rows,
                 files={"data.jsonl": "".join(line + "\n" for line in lines).encode(),
-                       "meta/count.txt": f"{table.num_rows}\n".encode()})
+                       "meta/count.txt": f"{table.num_rows}\n".encode(),
+                       "images.sha256": "".join(f"{sha}  {name}\n" for name, sha in images).encode()})
 
 
 FAKE_OPS = {"ingest": fake_ingest, "collect": fake_collect, "dedup_exact": fake_dedup_exact,
@@ -299,6 +302,8 @@ def out_snapshot(out: Path) -> dict[str, bytes]:
         if not path.is_file() or rel == "run.log":
             continue
         data = path.read_bytes()
+        if path.suffix == ".yaml":  # LLaVA-NeXT's data YAML holds OUT's absolute path, by necessity
+            data = data.replace(os.path.abspath(out).encode(), b"OUT")
         if rel == "report.json":
             data = json.dumps(deterministic_view(json.loads(data)), indent=1).encode()
         files[rel] = data

@@ -11,7 +11,9 @@
 --verify  check the sha256 of every cached output before trusting it
 
 Exit codes: 0 success; 1 a step failed (its id, the message and the log's path are printed; the
-traceback of an internal error is in the log, and on stderr with --debug); 2 the recipe has errors,
+traceback of an internal error is in the log, and on stderr with --debug; the outputs of the steps
+that finished and a report saying the run failed are written all the same), or the outputs could
+not be made as the recipe asks (an image gone or outside its source's root); 2 the recipe has errors,
 the store is in use by another run, the run cannot start (an unknown step, an operation this
 installation lacks, inputs of --only missing), or the store or --out cannot be written.
 
@@ -24,6 +26,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -71,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     from recipec.runtime.executor import RunError, StepFailed, execute, select
     from recipec.runtime.lock import StoreInUse
     from recipec.runtime.progress import make_progress, print_summary
-    from recipec.runtime.report import reserved_names, write_outputs
+    from recipec.runtime.executor import RunResult, available_cores, resolve_step
+    from recipec.runtime.report import Failure, OutcomeRecorder, OutputError, reserved_names, write_outputs
     from recipec.runtime.store import Store
 
     recipe = compiled.recipe
@@ -88,12 +92,28 @@ def run(args: argparse.Namespace) -> int:
         select(plan, args.until, args.only, args.data_only)  # a bad step name is refused before anything is touched
         with store.locked():
             out_dir.mkdir(parents=True, exist_ok=True)
-            progress = make_progress(quiet=args.quiet)
+            progress = OutcomeRecorder(make_progress(quiet=args.quiet))
             handlers = _attach_log(log_path, progress)
             logging.getLogger("recipec.run").info("recipec run %s (store %s, out %s)", args.file, store.root, out_dir)
+            started = time.perf_counter()
             try:
-                result = execute(plan, store=store, recipe_dir=Path(args.file).parent, workers=args.workers,
-                                 until=args.until, only=args.only, data_only=args.data_only, verify=args.verify, progress=progress)
+                try:
+                    result = execute(plan, store=store, recipe_dir=Path(args.file).parent, workers=args.workers,
+                                     until=args.until, only=args.only, data_only=args.data_only, verify=args.verify,
+                                     progress=progress)
+                except StepFailed as failed:
+                    # what finished before the failure is in the store: write its outputs and a report
+                    partial = RunResult(plan, Path(args.file).parent.absolute(), {o.id: o.key for o in progress.outcomes},
+                                        [o.id for o in progress.outcomes], list(progress.outcomes),
+                                        [resolve_step(plan, u) for u in args.until],
+                                        resolve_step(plan, args.only) if args.only else None,
+                                        args.workers or available_cores(), time.perf_counter() - started,
+                                        args.data_only)
+                    try:
+                        write_outputs(partial, store, out_dir, failure=Failure(failed.step_id, failed.op, failed.message))
+                    except (OutputError, OSError) as e:
+                        logging.getLogger("recipec.run").error("the outputs of the failed run are incomplete: %s", e)
+                    raise
                 write_outputs(result, store, out_dir)
                 logging.getLogger("recipec.run").info("run finished in %.2f s", result.seconds)
             finally:
@@ -105,9 +125,14 @@ def run(args: argparse.Namespace) -> int:
     except RunError as e:
         _error(str(e))
         return EXIT_ERROR
+    except OutputError as e:
+        _error(str(e))
+        print(f"  log: {log_path}", file=sys.stderr)
+        return EXIT_STEP_FAILED
     except StepFailed as e:
         _error(f"step {e.step_id} (op `{e.op}`) failed: {e.message}")
         print(f"  log: {log_path}", file=sys.stderr)
+        print(f"  the outputs of the steps that finished and report.json are in {out_dir}", file=sys.stderr)
         if args.debug:
             traceback.print_exception(e)
         elif e.internal and e.__cause__ is not None:

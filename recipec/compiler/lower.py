@@ -236,12 +236,16 @@ class Lowering:
         header = self.index()
         recipe: dict[str, Any] = {"name": header.labels[0] if header and header.labels else "recipe"}
         if header is not None:
-            r = Reader(self.ctx, header, keys={"description", "seed", "version", "extends"}, what="the recipe header")
+            r = Reader(self.ctx, header, keys={"description", "seed", "version", "extends"}, blocks={"export"},
+                       what="the recipe header")
             recipe["description"] = r.get("description", v.string, None)
             recipe["version"] = r.get("version", v.string, None)
             recipe["seed"] = r.get("seed", lambda x: v.integer(x, minimum=0, maximum=2**63 - 1), 0)
             if r.has("extends"):
                 recipe["base"] = Path(r.get("extends", v.string, "")).stem
+            export = self.export(r)
+            if export is not None:
+                recipe["export"] = export
         for name, block in self.blocks["model"].items():
             self.model(name, block)
         for name, block in self.blocks["prompt"].items():
@@ -267,6 +271,41 @@ class Lowering:
             instruction_taggers=instruction_taggers, mappings=mappings, syntheses=syntheses,
             filters=filters, pools=pools, stages=stages,
         )
+
+    def export(self, header: Reader) -> ir.Export | None:
+        """`export { formats = [llava, hf_dataset]  images = copy  embed_images = true }` in the header."""
+        nested = header.nested("export")
+        if not nested:
+            return None
+        for extra in nested[1:]:
+            self.ctx.error("E104", "`export` is set twice in the recipe header", extra.kind_span,
+                           f"first set at line {nested[0].span.line}")
+        r = Reader(self.ctx, nested[0], keys={"formats", "images", "embed_images"}, what="`export`")
+        formats: tuple[str, ...] = ir.Export().formats
+        node = r.node("formats")
+        if node is not None:
+            try:
+                pairs = v.names(node.value)
+            except v.ValueProblem as problem:
+                self.ctx.error(problem.code, f"`formats`: {problem.message}", node.value.span, problem.hint)
+                return None
+            for name, name_node in pairs:
+                if name not in ir.EXPORT_FORMATS:
+                    self.ctx.error("E203", f"unknown export format `{name}`", name_node.span,
+                                   did_you_mean(name, ir.EXPORT_FORMATS) or f"use {', '.join(ir.EXPORT_FORMATS)}")
+                    return None
+            if not pairs:
+                self.ctx.error("E202", "`formats` is empty", node.value.span, "write e.g. `formats = [llava]`")
+                return None
+            formats = tuple(dict.fromkeys(name for name, _ in pairs))
+        images = r.get("images", _enum(ir.IMAGE_MODES, "image mode"), "link")
+        embed = r.get("embed_images", v.boolean, False)
+        if images is None or embed is None:
+            return None
+        if embed and not {"hf_dataset", "parquet"} & set(formats):
+            self.ctx.warning("W601", "`embed_images` applies to the hf_dataset and parquet formats, which `formats` "
+                             "does not name", r.key_span("embed_images"), "add `hf_dataset` or `parquet` to `formats`")
+        return ir.Export(formats=formats, images=images, embed_images=embed)
 
     # ---- blocks -------------------------------------------------------------------------------
 
@@ -557,7 +596,7 @@ class Lowering:
             return None
         return ir.Filter(name=name, on=on, ops=tuple(ops))
 
-    def dedup(self, owner: str, block: ast.Block):
+    def dedup(self, owner: str, block: ast.Block, datasets: dict | None = None):
         method = block.name
         if method == "exact":
             r = Reader(self.ctx, block, keys={"by", "prefer_sources"}, what=f"`dedup exact` of filter `{owner}`")

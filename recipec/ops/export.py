@@ -1,29 +1,49 @@
-"""export: a stage's mixture as the files LLaVA-NeXT's training scripts and HF `datasets` read.
+"""export: a stage's mixture as files that trainers and `datasets` load as they are.
 
-Params: `stage`. The input is the stage's mix output, in the stage's order. The records pass
-through unchanged (records out = records in), so the store keeps them too. Files:
+Params: `stage`; `export` (the recipe's `ir.Export`: `formats`, `images`, `embed_images`); `roots`
+(each dataset of the stage -> its image folder, relative to the recipe directory); `training` (the
+stage's training settings). The input is the stage's mix output, in the stage's order. The records
+pass through unchanged (records out = records in), so the store keeps them too. Files, by format:
 
-    <stage>.json              the whole mixture as one LLaVA JSON list, in the stage's order
-    sources/<source>.json     the same records, one LLaVA JSON list per source (stage order)
-    <stage>.yaml              LLaVA-NeXT's data YAML: `datasets:` of `json_path` (relative to the
-                              YAML: run training from this folder, or make them absolute) and
-                              `sampling_strategy: all` (the mixture is already drawn)
-    hf/...                    a saved HF dataset (`datasets.load_from_disk("hf")`): the layout of
-                              `save_to_disk` (`data-0000i-of-0000N.arrow`, `dataset_info.json`,
-                              `state.json`), written here with pyarrow so it is byte-deterministic
-                              and needs no `datasets`; features are left to `datasets` to infer
-                              from the Arrow schema, which every version does its own way
+    llava       <stage>.json           the mixture as one LLaVA JSON list, in the stage's order
+                                       (LLaVA-NeXT's `--data_path` takes it directly); the runtime
+                                       adds <stage>.yaml, LLaVA-NeXT's data YAML, whose `json_path`
+                                       is absolute (LLaVA-NeXT opens it relative to its working
+                                       directory, so nothing else works from its checkout)
+    hf_dataset  hf/...                 a saved HF dataset (`datasets.load_from_disk`): the layout of
+                                       `save_to_disk`, written with pyarrow (byte-deterministic, no
+                                       `datasets` needed)
+    parquet     parquet/<stage>-0000i-of-0000N.parquet   the same table as Parquet shards
+    messages    <stage>.messages.jsonl  chat format for TRL-style trainers: `messages` (role
+                                       user/assistant, `content` a list of `{"type": "image"}` and
+                                       `{"type": "text", "text": ...}` parts, one image part where
+                                       the LLaVA text had `<image>`) and `images` (paths)
+    always      <stage>.training.json  the stage's training settings (trainable parts, learning
+                                       rates, grid, token budget, ...) and the matching LLaVA-NeXT
+                                       arguments
+                images.sha256          every image the stage's records reference, once, as
+                                       `sha256sum` lines (`<sha256>  <source>/<path>`), sorted: the
+                                       runtime fills the image folder from it, and
+                                       `cd images && sha256sum -c ../images.sha256` checks a copy
 
-A LLaVA entry: `{"id", "source", "data_type", "conversations", "image"}`. `image` is a path for
-one image and a list for several (what LLaVA-NeXT's loader reads: it takes `image` as a string or
-a list; it has no `images` key); text-only records have no `image`. Image paths are
-`<source>/<path>`: relative to an image folder (LLaVA-NeXT's `--image_folder`) that holds one
-folder per source, linked to that source's `images` root. Recipes name roots relative to the
-recipe, so the export cannot know absolute paths; the runtime makes that folder.
+Images. Paths in every format are `<source>/<path>`, relative to the stage's image folder
+(`OUT/<stage>/images`, LLaVA-NeXT's `--image_folder`), which the runtime fills with exactly the
+images in `images.sha256` (runtime/report.py), never a link to a whole source root. With
+`embed_images` the HF dataset and the Parquet shards hold the bytes instead: `image` is then a list
+of `{"bytes", "path"}` with the feature `Sequence(Image())`, self-contained (the op reads every
+image, checks its sha256 against the one ingest recorded, and fails if an image changed).
 
-The HF dataset has the columns id, source, origin, category, data_type, image (list of paths as
-above), conversations, image_tags, instruction_tags and, when any record has scores, `scores` as a
-struct with one float field per score name (missing = null).
+One type per field, in every file: `image`/`images` is always a list of strings (LLaVA-NeXT reads a
+list of one image as that image; a text-only record has no `image` key in the LLaVA JSON, as
+LLaVA-NeXT tells text-only samples by the key's absence, and an empty list elsewhere). So
+`datasets.load_dataset("json")` loads each file on datasets 2.19 as on the newest.
+
+Ids: `id` is recipec's content id, `source_id` the id the record had in its data set (null when it
+had none), in every format.
+
+Table columns (HF dataset, Parquet): id, source_id, source, origin, category, data_type, image,
+conversations, image_tags, instruction_tags and, when any record has scores, `scores` as a struct
+with one float field per score name (missing = null).
 
 JSON is deterministic: one entry per line, sorted keys, `ensure_ascii=False`, fixed separators,
 a trailing newline.
@@ -35,37 +55,62 @@ import hashlib
 import io
 import json
 import math
+import re
+from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from recipec import records
-from recipec.ops.base import Chunk, StepContext
+from recipec.ops import images as imaging
+from recipec.ops.base import Chunk, OperationError, StepContext
 from recipec.ops.collect import concat, emit
+from recipec.ops.export_layout import IMAGE_LIST, format_image_list
 
+FORMATS = ("llava", "hf_dataset", "parquet", "messages")
+DEFAULT_FORMATS = ("llava",)
 HF_SHARD_BYTES = 500 * 1024 * 1024  # what `save_to_disk` uses by default
 HF_BATCH_ROWS = 10_000
+PARQUET_SHARD_BYTES = 500 * 1024 * 1024
+PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "compression_level": 3, "use_dictionary": True,
+                                   "write_statistics": True, "version": "2.6", "data_page_version": "1.0",
+                                   "row_group_size": 10_000}
+LLAVA_FIELDS = ("id", "source_id", "source", "category", "data_type", "conversations", "image")
+_IMAGE_TOKEN = re.compile(re.escape(records.IMAGE_TOKEN))
 
 
 def run(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
     table = concat(inputs)
-    stage = ctx.params["stage"]
-    files = export_files(table, stage)
+    params = ctx.params
+    settings = params.get("export") or {}
+    formats = tuple(settings.get("formats") or DEFAULT_FORMATS)
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise OperationError(f"unknown export format(s) {', '.join(unknown)}; known: {', '.join(FORMATS)}")
+    embed = bool(settings.get("embed_images"))
+    reader = _ImageReader(Path(ctx.recipe_dir), params.get("roots") or {}) if embed else None
+    files = export_files(table, params["stage"], formats, training=params.get("training"), images=reader)
     yield from emit(table, consumed=table.num_rows, files=files)
 
 
-def export_files(table: pa.Table, stage: str) -> dict[str, bytes]:
+def export_files(table: pa.Table, stage: str, formats: tuple[str, ...] = DEFAULT_FORMATS, *,
+                 training: dict[str, Any] | None = None, images: "_ImageReader | None" = None) -> dict[str, bytes]:
     hf = hf_table(table)
-    entries = llava_entries(hf)
-    by_source: dict[str, list[dict[str, Any]]] = {}
-    for entry in entries:
-        by_source.setdefault(entry["source"], []).append(entry)
-    files = {f"{stage}.json": json_list(entries)}
-    for source in sorted(by_source):
-        files[f"sources/{source}.json"] = json_list(by_source[source])
-    files[f"{stage}.yaml"] = data_yaml(stage, {s: len(v) for s, v in sorted(by_source.items())})
-    files.update({f"hf/{name}": data for name, data in hf_files(hf, stage).items()})
+    files: dict[str, bytes] = {}
+    if "llava" in formats:
+        files[f"{stage}.json"] = json_list(llava_entries(hf))
+    if "messages" in formats:
+        files[f"{stage}.messages.jsonl"] = json_lines(message_entries(hf))
+    if "hf_dataset" in formats or "parquet" in formats:
+        full = embedded(hf, images) if images is not None else hf
+        if "hf_dataset" in formats:
+            files.update({f"hf/{name}": data for name, data in hf_files(full, stage).items()})
+        if "parquet" in formats:
+            files.update({f"parquet/{name}": data for name, data in parquet_files(full, stage).items()})
+    files[f"{stage}.training.json"] = training_json(stage, training or {}, hf.num_rows)
+    files[IMAGE_LIST] = image_list(table)
     return files
 
 
@@ -73,14 +118,10 @@ def export_files(table: pa.Table, stage: str) -> dict[str, bytes]:
 
 
 def llava_entries(hf: pa.Table) -> list[dict[str, Any]]:
-    columns = ["id", "source", "data_type", "conversations", "image"]
     entries = []
-    for row in hf.select(columns).to_pylist():
-        images = row.pop("image")
-        if len(images) == 1:
-            row["image"] = images[0]
-        elif images:
-            row["image"] = images
+    for row in hf.select(list(LLAVA_FIELDS)).to_pylist():
+        if not row["image"]:
+            del row["image"]  # LLaVA-NeXT: a text-only sample is one without the key
         entries.append(row)
     return entries
 
@@ -88,44 +129,189 @@ def llava_entries(hf: pa.Table) -> list[dict[str, Any]]:
 def json_list(entries: list[dict[str, Any]]) -> bytes:
     if not entries:
         return b"[]\n"
-    lines = (json.dumps(e, sort_keys=True, ensure_ascii=False, separators=(",", ":")) for e in entries)
+    lines = (_dumps(e) for e in entries)
     return ("[\n" + ",\n".join(lines) + "\n]\n").encode("utf-8")
 
 
-def data_yaml(stage: str, counts: dict[str, int]) -> bytes:
-    total = sum(counts.values())
-    lines = [
-        f"# LLaVA-NeXT training data for stage {stage} (written by recipec): {total} samples "
-        f"from {len(counts)} source{'s' if len(counts) != 1 else ''}.",
-        "# json_path is relative to this file. Image paths in the JSON are <source>/<path>, relative to an",
-        "# image folder (--image_folder) holding one folder per source.",
-    ]
-    if not counts:
-        return ("\n".join(lines + ["datasets: []"]) + "\n").encode("utf-8")
-    lines.append("datasets:")
-    for source, n in counts.items():
-        # JSON strings are YAML strings: quoting this way survives any file name
-        lines += [f"  - json_path: {json.dumps(f'sources/{source}.json', ensure_ascii=False)}  # {n} samples",
-                  "    sampling_strategy: all"]
-    return ("\n".join(lines) + "\n").encode("utf-8")
+def json_lines(entries: list[dict[str, Any]]) -> bytes:
+    return "".join(_dumps(e) + "\n" for e in entries).encode("utf-8")
 
 
-# ---- HF datasets --------------------------------------------------------------------------------
+def _dumps(entry: dict[str, Any]) -> str:
+    return json.dumps(entry, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+# ---- chat messages ------------------------------------------------------------------------------
+
+
+def message_entries(hf: pa.Table) -> list[dict[str, Any]]:
+    entries = []
+    for row in hf.select(["id", "source_id", "source", "conversations", "image"]).to_pylist():
+        messages = []
+        for turn in row["conversations"]:
+            role = "user" if turn["from"] == records.USER else "assistant"
+            messages.append({"role": role, "content": _content_parts(turn["value"])})
+        entries.append({"id": row["id"], "source_id": row["source_id"], "source": row["source"],
+                        "messages": messages, "images": row["image"] or []})
+    return entries
+
+
+def _content_parts(text: str) -> list[dict[str, str]]:
+    """`<image>\\nWhat is it?` -> an image part, then a text part (the newline next to a token goes)."""
+    parts: list[dict[str, str]] = []
+    pieces = _IMAGE_TOKEN.split(text)
+    for i, piece in enumerate(pieces):
+        if i:
+            parts.append({"type": "image"})
+        if i:
+            piece = piece[1:] if piece.startswith("\n") else piece
+        if i < len(pieces) - 1:
+            piece = piece[:-1] if piece.endswith("\n") else piece
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+# ---- training settings --------------------------------------------------------------------------
+
+
+def training_json(stage: str, training: dict[str, Any], samples: int) -> bytes:
+    data = {"stage": stage, "samples": samples, **training}
+    if training:
+        data["llava_next_args"] = llava_next_args(training)
+    data["data"] = {"llava_json": f"{stage}.json", "image_folder": "images"}
+    return (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def llava_next_args(t: dict[str, Any]) -> dict[str, Any]:
+    """LLaVA-NeXT's training arguments for these settings (paths excluded: see <stage>.yaml)."""
+    parts = {"vision": "mm_vision_tower", "projector": "mm_mlp_adapter", "language": "mm_language_model"}
+    grid = t.get("grid") or [1, 1]
+    args: dict[str, Any] = {
+        "mm_tunable_parts": ",".join(parts[p] for p in ("vision", "projector", "language") if p in t.get("train", ())),
+        "learning_rate": t.get("part_lr", {}).get("language", t.get("lr")),
+        "num_train_epochs": t.get("epochs"),
+        "warmup_ratio": t.get("warmup"),
+        "lr_scheduler_type": t.get("schedule"),
+        "weight_decay": t.get("weight_decay"),
+        "model_max_length": t.get("max_length"),
+        "image_aspect_ratio": "pad" if tuple(grid) == (1, 1) else f"anyres_max_{t.get('max_tiles') or grid[0] * grid[1]}",
+        "image_grid_pinpoints": f"(1x1),...,({grid[0]}x{grid[1]})",
+    }
+    part_lr = t.get("part_lr") or {}
+    if "vision" in part_lr:
+        args["mm_vision_tower_lr"] = part_lr["vision"]
+    if "projector" in part_lr:
+        args["mm_projector_lr"] = part_lr["projector"]
+    model = t.get("model") or {}
+    if model:
+        args.update({"model_name_or_path": model.get("language"), "vision_tower": model.get("vision"),
+                     "mm_projector_type": model.get("projector"), "mm_vision_select_layer": model.get("vision_layer")})
+    return args
+
+
+# ---- images -------------------------------------------------------------------------------------
+
+
+def image_list(table: pa.Table) -> bytes:
+    """`sha256sum` lines for the distinct images of `table`, sorted by path (GNU escaping)."""
+    seen: dict[str, str] = {}
+    for source, images in zip(table.column("source").to_pylist(), table.column("images").to_pylist()):
+        for image in images or ():
+            seen.setdefault(f"{source}/{image['path']}", image["sha256"])
+    return format_image_list(seen)
+
+
+class _ImageReader:
+    """Reads a stage's images inside their sources' roots, checking each against its sha256."""
+
+    def __init__(self, recipe_dir: Path, roots: dict[str, str | None]):
+        self.recipe_dir = recipe_dir
+        self.roots = roots
+
+    def read(self, source: str, path: str, sha256: str) -> bytes:
+        root = self.roots.get(source)
+        if root is None:
+            raise OperationError(f"cannot embed the images of source `{source}`: no image folder is known for it")
+        base = Path(root) if Path(root).is_absolute() else self.recipe_dir / root
+        try:
+            real = imaging.resolve_inside(base, path)
+            data = real.read_bytes()
+        except imaging.ImageReject as e:
+            raise OperationError(f"cannot embed {source}/{path}: {e.detail}") from None
+        except OSError as e:
+            raise OperationError(f"cannot embed {source}/{path}: {e.strerror or e}") from None
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise OperationError(f"image {source}/{path} changed since it was ingested; run again to ingest it anew")
+        return data
+
+
+IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+def embedded(hf: pa.Table, reader: _ImageReader) -> pa.Table:
+    """`hf` with `image` as lists of {bytes, path} (each distinct image read once)."""
+    cache: dict[str, bytes] = {}
+    values: list[list[dict[str, Any]]] = []
+    sources = hf.column("source").to_pylist()
+    for source, paths, shas in zip(sources, hf.column("image").to_pylist(), _shas(hf)):
+        row = []
+        for path, sha in zip(paths, shas):
+            if path not in cache:
+                cache[path] = reader.read(source, path.removeprefix(f"{source}/"), sha)
+            row.append({"bytes": cache[path], "path": path})
+        values.append(row)
+    column = pa.array(values, pa.list_(IMAGE_STRUCT))
+    index = hf.schema.get_field_index("image")
+    table = hf.set_column(index, pa.field("image", pa.list_(IMAGE_STRUCT)), column).drop_columns(["_sha256"])
+    return table.replace_schema_metadata({b"huggingface": json.dumps(
+        {"info": {"features": features(table.schema, images="image")}}, sort_keys=True).encode("utf-8")})
+
+
+def _shas(hf: pa.Table) -> list[list[str]]:
+    return hf.column("_sha256").to_pylist()
+
+
+def features(schema: pa.Schema, images: str | None = None) -> dict[str, Any]:
+    """The `datasets` feature dict of `schema`, in the JSON form every version since 2.x reads."""
+    return {f.name: ({"feature": {"_type": "Image"}, "_type": "Sequence"} if f.name == images else _feature(f.type))
+            for f in schema}
+
+
+def _feature(t: pa.DataType) -> Any:
+    if pa.types.is_struct(t):
+        return {t.field(i).name: _feature(t.field(i).type) for i in range(t.num_fields)}
+    if pa.types.is_list(t):
+        if pa.types.is_struct(t.value_type):
+            return [_feature(t.value_type)]  # a list of dicts (Sequence(dict) would mean dict of lists)
+        return {"feature": _feature(t.value_type), "_type": "Sequence"}
+    names = {pa.string(): "string", pa.float64(): "float64", pa.int64(): "int64", pa.int32(): "int32",
+             pa.binary(): "binary", pa.bool_(): "bool"}
+    return {"dtype": names[t], "_type": "Value"}
+
+
+# ---- HF datasets and Parquet --------------------------------------------------------------------
 
 
 def hf_table(table: pa.Table) -> pa.Table:
-    """The export columns: image paths prefixed with their source, scores as a struct of floats."""
+    """The export columns: image paths prefixed with their source, scores as a struct of floats.
+
+    A `_sha256` column (the images' digests) rides along for `embedded`; the writers drop it.
+    """
     n = table.num_rows
     images = table.column("images").combine_chunks() if n else pa.array([], records.SCHEMA.field("images").type)
     offsets = images.offsets.to_numpy()
     offsets = offsets - offsets[0]
-    paths = images.flatten().field("path")
+    flat = images.flatten()
+    paths = flat.field("path")
     parents = pc.list_parent_indices(images) if len(paths) else pa.array([], pa.int64())
     owners = table.column("source").combine_chunks().take(parents) if len(paths) else pa.array([], pa.string())
     joined = pc.binary_join_element_wise(owners, paths, "/") if len(paths) else pa.array([], pa.string())
     image = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), joined)
+    shas = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), flat.field("sha256") if len(paths) else pa.array([], pa.string()))
 
-    columns: dict[str, Any] = {name: table.column(name) for name in ("id", "source", "origin", "category", "data_type")}
+    columns: dict[str, Any] = {name: table.column(name) for name in ("id", "source_id", "source", "origin", "category",
+                                                                       "data_type")}
     columns["image"] = image
     for name in ("conversations", "image_tags", "instruction_tags"):
         columns[name] = table.column(name)
@@ -134,18 +320,28 @@ def hf_table(table: pa.Table) -> pa.Table:
     if names:
         fields = [pc.map_lookup(scores, pa.scalar(name, pa.string()), "first").cast(pa.float64()) for name in names]
         columns["scores"] = pa.StructArray.from_arrays(fields, names=names)
+    columns["_sha256"] = shas
     return pa.table(columns)
+
+
+def _public(table: pa.Table) -> pa.Table:
+    return table.drop_columns(["_sha256"]) if "_sha256" in table.column_names else table
+
+
+def _shards(table: pa.Table, max_bytes: int) -> list[pa.Table]:
+    shards = max(1, math.ceil(table.nbytes / max_bytes)) if table.num_rows else 1
+    per_shard = math.ceil(table.num_rows / shards) if table.num_rows else 0
+    return [table.slice(i * per_shard, per_shard) if table.num_rows else table for i in range(shards)]
 
 
 def hf_files(hf: pa.Table, stage: str) -> dict[str, bytes]:
     """The files of `Dataset.save_to_disk`, written directly (deterministic bytes)."""
-    shards = max(1, math.ceil(hf.nbytes / HF_SHARD_BYTES)) if hf.num_rows else 1
-    per_shard = math.ceil(hf.num_rows / shards) if hf.num_rows else 0
+    hf = _public(hf)
+    parts = _shards(hf, HF_SHARD_BYTES)
     files: dict[str, bytes] = {}
     names = []
-    for i in range(shards):
-        name = f"data-{i:05d}-of-{shards:05d}.arrow"
-        part = hf.slice(i * per_shard, per_shard) if hf.num_rows else hf
+    for i, part in enumerate(parts):
+        name = f"data-{i:05d}-of-{len(parts):05d}.arrow"
         sink = io.BytesIO()
         with pa.ipc.new_stream(sink, hf.schema) as writer:
             writer.write_table(part, max_chunksize=HF_BATCH_ROWS)
@@ -154,8 +350,21 @@ def hf_files(hf: pa.Table, stage: str) -> dict[str, bytes]:
     digest = hashlib.sha256(b"".join(files[n] for n in names)).hexdigest()[:16]
     state = {"_data_files": [{"filename": n} for n in names], "_fingerprint": digest, "_format_columns": None,
              "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None}
-    info = {"citation": "", "description": f"Training data of stage {stage}, exported by recipec.", "homepage": "",
-            "license": ""}
+    info: dict[str, Any] = {"citation": "", "description": f"Training data of stage {stage}, exported by recipec.",
+                            "homepage": "", "license": ""}
+    if hf.schema.metadata and b"huggingface" in hf.schema.metadata:
+        info["features"] = json.loads(hf.schema.metadata[b"huggingface"])["info"]["features"]
     files["state.json"] = (json.dumps(state, indent=2, sort_keys=True) + "\n").encode("utf-8")
     files["dataset_info.json"] = (json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    return files
+
+
+def parquet_files(hf: pa.Table, stage: str) -> dict[str, bytes]:
+    hf = _public(hf)
+    parts = _shards(hf, PARQUET_SHARD_BYTES)
+    files = {}
+    for i, part in enumerate(parts):
+        sink = io.BytesIO()
+        pq.write_table(part, sink, **PARQUET_OPTIONS)
+        files[f"{stage}-{i:05d}-of-{len(parts):05d}.parquet"] = sink.getvalue()
     return files
