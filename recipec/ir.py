@@ -10,7 +10,7 @@ import hashlib
 import json
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 IR_VERSION = 1
 
@@ -40,6 +40,14 @@ class ModelUse(Node):
     engine: Literal["transformers", "vllm", "openai"] = "transformers"
     dtype: str = "bfloat16"
     endpoint: str | None = None
+    api_key_env: str | None = None  # the environment variable holding the HTTP engine's API key, never the key
+
+    @model_serializer(mode="wrap")
+    def _without_unset_key_variable(self, handler: Any) -> Any:
+        data = handler(self)  # a recipe that names no key serialises (and fingerprints) as before
+        if isinstance(data, dict) and data.get("api_key_env") is None:
+            data.pop("api_key_env", None)
+        return data
 
 
 class ParamCounts(Node):

@@ -322,3 +322,28 @@ def test_the_real_engine_answers_the_same_through_http(tiny_dir, tmp_path):
     assert remote_pick.label == local_pick.label
     assert remote_pick.probs == pytest.approx(local_pick.probs, rel=1e-6)
     local.close()
+
+
+# ---- the recipe names the variable, never the key -----------------------------------------------
+
+
+def test_a_recipe_names_the_key_variable(tmp_path):
+    from recipec.compiler import compile_file
+    from recipec.ir import canonical_json
+
+    def compiled(value):
+        path = tmp_path / "t.recipe"
+        path.write_text('recipe "t" {}\nmodel tagger {\n  ref = "gpt-4o"\n  engine = openai\n'
+                        f'  endpoint = "https://api.example.com/v1"\n  api_key_env = "{value}"\n}}\n', encoding="utf-8")
+        return compile_file(str(path))
+
+    good = compiled("OPENAI_API_KEY")
+    assert good.ok, [d.header() for d in good.diagnostics]
+    use = good.recipe.model_refs["tagger"]
+    assert use.api_key_env == "OPENAI_API_KEY" and '"api_key_env":"OPENAI_API_KEY"' in canonical_json(use)
+    bad = compiled("sk-live-abc123")
+    assert [d.code for d in bad.diagnostics if d.is_error] == ["E201"]
+    assert "environment variable" in bad.diagnostics[0].message
+    from recipec.ir import ModelUse
+
+    assert "api_key_env" not in canonical_json(ModelUse(ref="m"))  # unset: fingerprints as before

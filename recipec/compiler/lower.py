@@ -31,7 +31,7 @@ SYNTHESIS_FIELDS = {"relevance", "score"}  # what a synthesis's own judge steps 
 # words with a meaning of their own wherever a name may stand (`on = all`, `keep ...`, `x = true`)
 RESERVED = {"all", "true", "false", "keep", "drop", "remove", "top", "bottom"}
 
-MODEL_USE_KEYS = {"engine", "trust_remote_code", "revision", "dtype", "endpoint"}
+MODEL_USE_KEYS = {"engine", "trust_remote_code", "revision", "dtype", "endpoint", "api_key_env"}
 CLEAN_RULES = {
     "min_turns": "int", "max_turns": "int", "min_answer_chars": "int", "max_text_chars": "int",
     "min_image_side": "int", "max_aspect_ratio": "real", "drop_empty_answers": "bool", "require_image": "bool",
@@ -155,6 +155,13 @@ class Lowering:
             overrides["dtype"] = reader.get("dtype", _enum(("bfloat16", "float16", "float32"), "dtype"))
         if reader.has("endpoint"):
             overrides["endpoint"] = reader.get("endpoint", v.string)
+        if reader.has("api_key_env"):
+            name = reader.get("api_key_env", v.string)
+            if name is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                self.ctx.error("E201", "`api_key_env` names an environment variable, such as \"OPENAI_API_KEY\"",
+                               reader.value_span("api_key_env"), "the key itself never goes into a recipe")
+                name = None
+            overrides["api_key_env"] = name
         return {k: val for k, val in overrides.items() if val is not None}
 
     def prompt_value(self, reader: Reader, key: str, name: str) -> ir.Prompt | None:
