@@ -87,8 +87,12 @@ class EngineBackend:
 
 class EngineServer:
     def __init__(self, backend: Any, *, slow_seconds: float = 0.5, retry_after: float = 0.05,
-                 reject_fields: set[str] | None = None, prompt_logprobs: bool = True, logprobs: bool = True):
+                 reject_fields: set[str] | None = None, prompt_logprobs: bool = True, logprobs: bool = True,
+                 delay: float = 0.0):
         self.backend = backend
+        self.delay = delay  # seconds every answer takes, to see requests overlap
+        self.in_flight = 0
+        self.most_in_flight = 0
         self.slow_seconds = slow_seconds
         self.retry_after = retry_after
         self.reject_fields = set(reject_fields or ())
@@ -140,6 +144,19 @@ class EngineServer:
         raw = h.rfile.read(length)
         text = raw.decode("utf-8", errors="replace")
         fault = None
+        with self._lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            self._answer(h, raw, text)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _answer(self, h: BaseHTTPRequestHandler, raw: bytes, text: str) -> None:
+        fault = None
+        if self.delay:
+            time.sleep(self.delay)
         with self._lock:
             self.count[h.path] += 1
             self.authorizations.append(h.headers.get("Authorization"))

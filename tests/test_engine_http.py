@@ -11,7 +11,8 @@ import pytest
 
 from engine_server import EngineBackend, EngineServer, FakeBackend
 from recipec.models.engine import Choice, Choose, EngineError, Generate, Generation, Image, Loss, LossValue, RequestError, Sampling
-from recipec.models.openai_engine import OpenAIEngine, Settings, Step, label_probs, load, loss_from_prompt_logprobs
+from recipec.models.logprobs import Step, label_probs, loss_from_prompt_logprobs
+from recipec.models.openai_engine import OpenAIEngine, Settings, load
 
 KEY = "sk-test-0123456789abcdef"
 FAST = Settings(max_concurrency=4, timeout=0.25, max_retries=3, backoff_base=0.001, backoff_max=0.005,
@@ -347,3 +348,11 @@ def test_a_recipe_names_the_key_variable(tmp_path):
     from recipec.ir import ModelUse
 
     assert "api_key_env" not in canonical_json(ModelUse(ref="m"))  # unset: fingerprints as before
+
+
+def test_concurrency_is_bounded():
+    with EngineServer(FakeBackend(), delay=0.03) as server:
+        results = OpenAIEngine("m", server.url, settings=Settings(**{**FAST.__dict__, "max_concurrency": 3})).generate(
+            [ask(f"q{i}") for i in range(12)])
+    assert all(isinstance(r, Generation) for r in results) and server.total == 12
+    assert 1 <= server.most_in_flight <= 3

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from recipec.models.engine import Choice, Choose, Generate, Generation, Image, Loss, LossValue, Sampling
-from recipec.models.openai_engine import label_probs, loss_from_prompt_logprobs
-from recipec.models.vllm_engine import (align_mask, build_prompt, choice_plan, first_token_probs, image_placeholder,
-                                        image_token_ids, sampling_kwargs, steps_from_vllm)
+from recipec.models.logprobs import (align_mask, first_token_probs, image_token_ids, label_probs,
+                                     loss_from_prompt_logprobs)
+from recipec.models.vllm_engine import build_prompt, choice_plan, image_placeholder, sampling_kwargs, steps_from_vllm
 
 
 @dataclass

@@ -54,13 +54,11 @@ from urllib.parse import urlsplit
 
 from recipec.models.engine import (IMAGE_PLACEHOLDER, Choice, Choose, EngineError, Generate, Generation, Loss,
                                    LossValue, RequestError, check_images)
+from recipec.models.logprobs import TOP_LOGPROBS, Step, label_probs, loss_from_prompt_logprobs
 
 log = logging.getLogger("recipec.models.openai")
 
-FLOOR = 1e-6  # the probability given to a label whose token the server did not list
-TOP_LOGPROBS = 20
 CHOICE_FIELDS = ("structured_outputs", "guided_choice", None)  # tried in this order
-END_TOKENS = {"", "<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>", "<end_of_turn>", "<|end|>"}
 ENGINE_WIDE = {401, 403, 404}
 
 
@@ -561,18 +559,6 @@ def _mime(raw: bytes) -> str:
     return "image/png"
 
 
-# ---- logprobs -> probabilities (pure functions, unit-tested) ----------------------------------------
-
-
-@dataclass(frozen=True)
-class Step:
-    """One generated token, its log-probability and the alternatives the server listed."""
-
-    token: str
-    logprob: float
-    top: dict[str, float]
-
-
 def _steps(content: Any) -> list[Step]:
     """OpenAI chat `logprobs.content` -> steps (empty when absent)."""
     if not content:
@@ -587,85 +573,3 @@ def _steps(content: Any) -> list[Step]:
         top.setdefault(entry["token"], lp)
         steps.append(Step(entry["token"], lp, top))
     return steps
-
-
-def label_probs(labels: Sequence[str], steps: Sequence[Step], floor: float = FLOOR) -> dict[str, float]:
-    """Each label's probability from the logprobs of a generation, renormalised over the labels.
-
-    A label is followed along the generated tokens while they spell it; where it leaves them it
-    takes the listed alternative that continues it (the longest; labels leaving by the same token
-    share its mass), or `floor` when none is listed. A label that is the whole generation gets the
-    product of its tokens; one that ends early needs an end-of-turn token where it ends. Labels
-    are compared as text, so this works without the model's tokenizer.
-    """
-    log_floor = math.log(floor)
-    scores: dict[str, float] = {}
-    claims: dict[tuple[int, str], list[tuple[str, float]]] = {}
-    for label in labels:
-        pos = 0
-        prefix = 0.0
-        score: float | None = None
-        for k, step in enumerate(steps):
-            rest = label[pos:]
-            if not rest:
-                end = [lp for t, lp in step.top.items() if t in END_TOKENS]
-                score = prefix + (max(end) if end else log_floor)
-                break
-            token = step.token.lstrip() if pos == 0 else step.token
-            if not token:
-                prefix += step.logprob
-                continue
-            # the longest listed token that continues the label: labels are tokenised greedily
-            norm = (lambda t: t.lstrip()) if pos == 0 else (lambda t: t)
-            listed = [t for t in step.top if norm(t) and rest.startswith(norm(t))]
-            best = max(listed, key=lambda t: (len(norm(t)), step.top[t]), default=None)
-            if rest.startswith(token) and best is not None and len(norm(best)) == len(token):
-                prefix += step.logprob  # the label goes on along the generated tokens
-                pos += len(token)
-                continue
-            if best is not None:
-                claims.setdefault((k, best), []).append((label, prefix + step.top[best]))
-            else:
-                score = prefix + log_floor
-            break
-        else:
-            score = prefix if pos >= len(label) else prefix + log_floor
-        if score is not None:
-            scores[label] = score
-    for claimants in claims.values():
-        share = math.log(len(claimants))
-        for label, lp in claimants:
-            scores[label] = lp - share
-    top = max(scores.values())
-    weights = {label: math.exp(scores[label] - top) for label in labels}
-    total = sum(weights.values())
-    return {label: weights[label] / total for label in labels}
-
-
-def loss_from_prompt_logprobs(token_ids: Sequence[int], rows: Sequence[Any], mask: Sequence[bool]) -> tuple[float, int]:
-    """(mean NLL, count) over the masked tokens, from vLLM's `prompt_logprobs`.
-
-    `rows[i]` is None for the first token, else a mapping token id -> logprob (vLLM's `Logprob`
-    objects in process, `{"logprob": ...}` objects or plain numbers over HTTP, where ids are
-    strings) that holds at least the prompt's own token `token_ids[i]`.
-    """
-    if len(rows) != len(token_ids) or len(mask) != len(token_ids):
-        raise ValueError(f"prompt_logprobs for {len(rows)} tokens, the prompt has {len(token_ids)}")
-    total = 0.0
-    count = 0
-    for i, (token, row, scored) in enumerate(zip(token_ids, rows, mask)):
-        if not scored:
-            continue
-        if i == 0 or row is None:
-            continue  # nothing predicts the first token
-        entry = row.get(token, row.get(str(token))) if hasattr(row, "get") else None
-        if entry is None:
-            raise ValueError(f"prompt_logprobs at position {i} lack the prompt's own token {token}")
-        value = getattr(entry, "logprob", entry)
-        if isinstance(value, dict):
-            value = value["logprob"]
-        total += float(value)
-        count += 1
-    if count == 0:
-        raise ValueError("no assistant token was scored")
-    return -total / count, count

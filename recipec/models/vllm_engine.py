@@ -34,7 +34,8 @@ from typing import Any, Callable, Sequence
 
 from recipec.models.engine import (IMAGE_PLACEHOLDER, Choice, Choose, EngineError, Generate, Generation, Loss,
                                    LossValue, RequestError, Sampling, check_images)
-from recipec.models.openai_engine import FLOOR, TOP_LOGPROBS, Step, label_probs, loss_from_prompt_logprobs
+from recipec.models.logprobs import (FLOOR, TOP_LOGPROBS, Step, logprob_value, align_mask, first_token_probs,
+                                     image_token_ids, label_probs, loss_from_prompt_logprobs)
 
 log = logging.getLogger("recipec.models.vllm")
 
@@ -272,16 +273,6 @@ def image_placeholder(config: Any, tokenizer: Any) -> str:
     return IMAGE_PLACEHOLDER
 
 
-def image_token_ids(config: Any) -> set[int]:
-    """The ids vLLM and the encoder repeat for an image's features."""
-    ids = set()
-    for name in ("image_token_id", "image_token_index"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            ids.add(value)
-    return ids
-
-
 def build_prompt(tokenizer: Any, messages: Sequence[dict[str, str]], placeholder: str, generation_prompt: bool) -> str:
     """The conversation through the model's chat template, each `<image>` as the family's placeholder."""
     rendered = [{"role": m["role"], "content": m["content"].replace(IMAGE_PLACEHOLDER, placeholder)} for m in messages]
@@ -319,21 +310,6 @@ def choice_plan(label_ids: Sequence[Sequence[int]], eos_ids: Sequence[int], toke
     return {"structured": True, "max_tokens": 1 + max(len(ids) for ids in label_ids), "logprob_token_ids": listed}
 
 
-def _logprob(entry: Any) -> float:
-    value = getattr(entry, "logprob", entry)
-    return float(value["logprob"] if isinstance(value, dict) else value)
-
-
-def first_token_probs(labels: Sequence[str], first_ids: Sequence[int], step: Any, floor: float = FLOOR) -> dict[str, float]:
-    """Labels with distinct first tokens: their probabilities from one step's logprobs, renormalised."""
-    log_floor = math.log(floor)
-    scores = [(_logprob(step[t]) if t in step else log_floor) for t in first_ids]
-    top = max(scores)
-    weights = [math.exp(s - top) for s in scores]
-    total = sum(weights)
-    return {label: w / total for label, w in zip(labels, weights)}
-
-
 def steps_from_vllm(token_ids: Sequence[int], logprobs: Sequence[Any], decode: Callable[[Sequence[int]], str]) -> list[Step]:
     """vLLM's per-token logprobs (dicts id -> Logprob) as text steps for `label_probs`.
 
@@ -350,9 +326,9 @@ def steps_from_vllm(token_ids: Sequence[int], logprobs: Sequence[Any], decode: C
         top: dict[str, float] = {}
         for alt, entry in (row or {}).items():
             text = piece(alt)
-            top[text] = max(_logprob(entry), top.get(text, -math.inf))
+            top[text] = max(logprob_value(entry), top.get(text, -math.inf))
         own = piece(token)
-        lp = _logprob(row[token]) if row and token in row else top.get(own, math.log(FLOOR))
+        lp = logprob_value(row[token]) if row and token in row else top.get(own, math.log(FLOOR))
         top.setdefault(own, lp)
         steps.append(Step(own, lp, top))
         prefix.append(token)
@@ -360,30 +336,3 @@ def steps_from_vllm(token_ids: Sequence[int], logprobs: Sequence[Any], decode: C
     return steps
 
 
-def align_mask(encoded_ids: Sequence[int], mask: Sequence[bool], engine_ids: Sequence[int],
-               image_ids: set[int]) -> list[bool] | None:
-    """The encoder's assistant mask carried over to another expansion of the same prompt.
-
-    Both sequences must agree token for token once each run of image tokens is collapsed to one;
-    image tokens are never scored. None when they do not agree.
-    """
-    def collapsed(ids: Sequence[int]) -> list[int]:
-        out: list[int] = []
-        for t in ids:
-            if t in image_ids and out and out[-1] == -1:
-                continue
-            out.append(-1 if t in image_ids else t)
-        return out
-
-    if collapsed(encoded_ids) != collapsed(engine_ids):
-        return None
-    text_mask = [m for t, m in zip(encoded_ids, mask) if t not in image_ids]
-    out = []
-    k = 0
-    for t in engine_ids:
-        if t in image_ids:
-            out.append(False)
-        else:
-            out.append(text_mask[k])
-            k += 1
-    return out
