@@ -17,6 +17,19 @@ def _offline_model_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(empty))
 
 
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """One folder of tiny:// models for the whole session (each is built once, then loaded)."""
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture
+def model_cache(tiny_models, monkeypatch):
+    """Runs in this test build their tiny:// models in the session's folder."""
+    monkeypatch.setenv("RECIPEC_MODEL_CACHE", str(tiny_models))
+    return tiny_models
+
+
 def check_golden(path: Path, text: str) -> None:
     if UPDATE_GOLDEN or not path.exists():
         if not UPDATE_GOLDEN and os.environ.get("CI"):
