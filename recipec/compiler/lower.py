@@ -347,9 +347,12 @@ class Lowering:
             try:
                 found = configs.resolve_config(ref, revision=overrides.get("revision"), base_dir=self.root)
             except configs.ModelConfigError as error:
+                shipped = [*configs.shipped_refs(), *(f"{configs.TINY_SCHEME}{n}" for n in sorted(configs._TINY))]
+                close = did_you_mean(ref, shipped)
                 self.ctx.error("E501", f"cannot resolve the {tower} tower `{ref}`: {error}", r.value_span(key),
-                               "use a local directory with a config.json, a model in the local Hugging Face cache, "
-                               "or one whose config recipec ships")
+                               (f"{close} Otherwise use" if close else "Use") + " a local directory with a "
+                               "config.json, a model in the local Hugging Face cache, or one recipec ships: "
+                               + ", ".join(shipped) + " (docs/language.md)")
                 continue
             origin[tower] = found.origin
             resolved[tower] = found.config
