@@ -7,6 +7,7 @@ Model-backed ops (tagging, synthesis, scoring, training) are registered by their
 from __future__ import annotations
 
 from recipec.ops import clean, collect, cuts, dedup, export, ingest, judge, loss, mapping, mix, synthesize, tag
+from recipec.ops import train
 from recipec.ops.base import Operation
 
 OPERATIONS: dict[str, Operation] = {
@@ -28,6 +29,7 @@ OPERATIONS: dict[str, Operation] = {
     "judge_score": judge.run_judge_score,
     "score_loss": loss.run,
     "merge_turns": synthesize.run_merge_turns,
+    "train": train.run,
 }
 
 # Every reason a data op here may give a reject (stable codes; `clean_*`, `threshold_<field>` and
