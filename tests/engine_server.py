@@ -2,8 +2,9 @@
 
 `EngineServer(backend)` listens on 127.0.0.1 at a random port (`ThreadingHTTPServer`) and answers
 `/v1/chat/completions` (generation; a choice when the body carries `structured_outputs` or
-`guided_choice`) and `/v1/completions` (vLLM's `prompt_logprobs` over token-id prompts). The
-backend is anything with `generate(Generate)`, `choose(Choose)` and `prompt_logprobs(ids)`:
+`guided_choice`; the prompt's logprobs with vLLM's `prompt_logprobs`) and `/v1/completions`
+(`prompt_logprobs` over token-id prompts). The backend is anything with `generate(Generate)`,
+`choose(Choose)`, `prompt_logprobs(ids)` and `chat_prompt_logprobs(messages, images)`:
 `FakeBackend` (deterministic, instant) or `EngineBackend` (the transformers engine over a tiny
 model). Images arrive as data URLs and go to the backend as `Image`s again.
 
@@ -36,8 +37,39 @@ from recipec.models.engine import (IMAGE_PLACEHOLDER, Choice, Choose, Generate, 
                                    Sampling)
 
 
+def fake_logprob(i: int, token: int) -> float:
+    return -((i * 31 + token) % 50) / 10 - 0.05
+
+
 class FakeBackend:
-    """Deterministic answers from the request's text: no model, no time."""
+    """Deterministic answers from the request's text: no model, no time.
+
+    With an `encoder` (the model's chat encoding) it also scores chat prompts, expanding each
+    image to `image_tokens` tokens, as another server's image arithmetic might.
+    """
+
+    def __init__(self, encoder: Any = None, image_tokens: int = 3):
+        self.encoder = encoder
+        self.image_tokens = image_tokens
+
+    def chat_ids(self, messages, images) -> list[int]:
+        from recipec.models.multimodal import load_pil
+
+        encoded = self.encoder.encode(messages, [load_pil(i) for i in images])
+        image = self.encoder.tokenizer.convert_tokens_to_ids("<image>")
+        out: list[int] = []
+        for k, t in enumerate(encoded.input_ids):
+            if t != image:
+                out.append(t)
+            elif k == 0 or encoded.input_ids[k - 1] != image:  # a new run of image tokens
+                out.extend([t] * self.image_tokens)
+        return out
+
+    def chat_prompt_logprobs(self, messages, images) -> list[dict[int, tuple[float, int]] | None] | None:
+        if self.encoder is None:
+            return None
+        ids = self.chat_ids(messages, images)
+        return [None] + [{t: (fake_logprob(i, t), 1)} for i, t in enumerate(ids[1:], start=1)]
 
     def generate(self, request: Generate) -> Generation | RequestError:
         user = [m["content"] for m in request.messages if m["role"] == "user"][-1]
@@ -56,7 +88,7 @@ class FakeBackend:
         return Choice(best, probs, tokens_in=len(text.split()))
 
     def prompt_logprobs(self, ids: list[int]) -> list[dict[int, float] | None]:
-        return [None] + [{t: -((i * 31 + t) % 50) / 10 - 0.05} for i, t in enumerate(ids[1:], start=1)]
+        return [None] + [{t: fake_logprob(i, t)} for i, t in enumerate(ids[1:], start=1)]
 
 
 class EngineBackend:
@@ -81,6 +113,26 @@ class EngineBackend:
             row = {token: float(logp[i, token])}
             best = int(logp[i].argmax())
             row.setdefault(best, float(logp[i, best]))
+            rows.append(row)
+        return rows
+
+    def chat_prompt_logprobs(self, messages, images) -> list[dict[int, tuple[float, int]] | None] | None:
+        from recipec.models.engine import Loss
+
+        torch = self.engine.torch
+        encoded = self.engine._encode(Loss(messages, images), generation_prompt=False)
+        if isinstance(encoded, RequestError):
+            return None
+        inputs = self.engine._to_device(self.engine.encoder.collate([encoded], padding_side="right"))
+        with torch.inference_mode():
+            logits = self.engine.model(**inputs).logits.float()
+        logp = torch.log_softmax(logits[0, :-1], dim=-1)
+        rows: list[dict[int, tuple[float, int]] | None] = [None]
+        for i, token in enumerate(encoded.input_ids[1:]):
+            own = float(logp[i, token])
+            row = {token: (own, int((logp[i] > logp[i, token]).sum()) + 1)}
+            best = int(logp[i].argmax())
+            row.setdefault(best, (float(logp[i, best]), 1))
             rows.append(row)
         return rows
 
@@ -256,6 +308,16 @@ class EngineServer:
 
     def _chat(self, body: dict[str, Any]) -> dict[str, Any]:
         messages, images = self._request_parts(body)
+        if body.get("prompt_logprobs") is not None:  # vLLM's extension: score the prompt itself
+            assert body.get("add_generation_prompt") is False
+            rows = self.backend.chat_prompt_logprobs(messages, images) if self.serve_prompt_logprobs else None
+            answer: dict[str, Any] = {"choices": [{"index": 0, "message": {"role": "assistant", "content": ""},
+                                                   "finish_reason": "length"}]}
+            if rows is not None:
+                answer["prompt_logprobs"] = [None if row is None else
+                                             {str(t): {"logprob": lp, "rank": rank, "decoded_token": ""}
+                                              for t, (lp, rank) in row.items()} for row in rows]
+            return answer
         labels = (body.get("structured_outputs") or {}).get("choice") or body.get("guided_choice")
         if labels:
             result = self.backend.choose(Choose(messages, tuple(labels), images))

@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from engine_server import EngineBackend, EngineServer, FakeBackend
+from engine_server import EngineBackend, EngineServer, FakeBackend, fake_logprob
 from recipec.models.engine import Choice, Choose, EngineError, Generate, Generation, Image, Loss, LossValue, RequestError, Sampling
 from recipec.models.logprobs import Step, label_probs, loss_from_prompt_logprobs
 from recipec.models.openai_engine import OpenAIEngine, Settings, load
@@ -275,16 +275,53 @@ def test_loss_scores_the_assistant_tokens_from_prompt_logprobs(server, tiny_dir)
     assert server.count == {"/v1/completions": 2}
 
 
-def test_loss_is_unsupported_without_a_tokenizer_images_or_server_support(server, tiny_dir, tmp_path):
+def test_loss_is_unsupported_without_a_tokenizer_or_server_support(server, tiny_dir, tmp_path):
     assert [r.reason for r in engine(server).loss([conversation()] * 2)] == ["loss_unsupported"] * 2
     assert server.total == 0
     with_image = Loss(({"role": "user", "content": "<image>?"}, {"role": "assistant", "content": "red"}),
                       images=(image(tmp_path, "red", "red"),))
+    # this server's chat endpoint returns no prompt_logprobs (FakeBackend without an encoder)
     assert engine(server, tokenizer_dir=str(tiny_dir)).loss([with_image])[0].reason == "loss_unsupported"
+    assert server.total == 1
     server.serve_prompt_logprobs = False
     results = engine(server, tokenizer_dir=str(tiny_dir), max_concurrency=1).loss([conversation()] * 3)
     assert [r.reason for r in results] == ["loss_unsupported"] * 3
-    assert server.total == 1  # found out once, not asked again
+    assert server.total == 2  # found out once, not asked again
+
+
+def test_loss_with_images_goes_through_the_chat_endpoint(tiny_dir, tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from recipec.models.logprobs import align_mask
+    from recipec.models.multimodal import Encoder, image_adapter, load_pil
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    encoder = Encoder(tok, image_adapter(tiny_dir, AutoConfig.from_pretrained(tiny_dir), tok))
+    backend = FakeBackend(encoder, image_tokens=3)  # the server expands an image to 3 tokens, not as here
+    request = Loss(({"role": "user", "content": "<image> what is it?"}, {"role": "assistant", "content": "a red square"}),
+                   images=(image(tmp_path, "red", "red"),))
+    with EngineServer(backend) as server:
+        [result] = engine(server, tokenizer_dir=str(tiny_dir)).loss([request])
+        body = server.bodies[0]
+    assert server.count == {"/v1/chat/completions": 1}
+    assert body["add_generation_prompt"] is False and body["prompt_logprobs"] == 1
+    assert body["messages"][0]["content"][0]["type"] == "image_url"
+    encoded = encoder.encode(request.messages, [load_pil(request.images[0])])
+    ids = backend.chat_ids(request.messages, request.images)
+    mask = align_mask(encoded.input_ids, encoded.assistant_mask, ids, {tok.convert_tokens_to_ids("<image>")})
+    scored = [fake_logprob(i, t) for i, (t, m) in enumerate(zip(ids, mask)) if m]
+    assert scored and isinstance(result, LossValue)
+    assert result.tokens == len(scored) == sum(encoded.assistant_mask)
+    assert result.loss == pytest.approx(-sum(scored) / len(scored))
+
+
+def test_prompt_ids_are_read_back_from_ranked_rows():
+    from recipec.models.logprobs import prompt_ids_from_rows
+
+    rows = [None, {"7": {"logprob": -0.1, "rank": 1}}, {"9": {"logprob": -2.0, "rank": 4}, "3": {"logprob": -0.2, "rank": 1}}]
+    assert prompt_ids_from_rows(rows, 5) == [5, 7, 9]
+    with pytest.raises(ValueError):
+        prompt_ids_from_rows([None, {"1": -0.1, "2": -0.5}], 5)
 
 
 def test_loss_from_prompt_logprobs_reads_every_shape():
@@ -313,12 +350,19 @@ def test_the_real_engine_answers_the_same_through_http(tiny_dir, tmp_path):
     gen = Generate(({"role": "user", "content": "<image> what color?"},), images=(picture,),
                    sampling=Sampling(max_new_tokens=6))
     pick = Choose(({"role": "user", "content": "<image> is it red?"},), ("yes", "no", "maybe"), images=(picture,))
+    scored = Loss(({"role": "user", "content": "<image> what color?"}, {"role": "assistant", "content": "red"}),
+                  images=(picture,))
     with EngineServer(EngineBackend(local)) as server:
         e = OpenAIEngine("tiny://llava-onevision", server.url, settings=Settings(**{**FAST.__dict__, "timeout": 30.0}))
         [remote_gen] = e.generate([gen])
         [remote_pick] = e.choose([pick])
+        [remote_loss] = OpenAIEngine("tiny://llava-onevision", server.url, settings=Settings(
+            **{**FAST.__dict__, "timeout": 30.0, "tokenizer_dir": str(tiny_dir)})).loss([scored])
     [local_gen] = local.generate([gen])
     [local_pick] = local.choose([pick])
+    [local_loss] = local.loss([scored])
+    assert isinstance(remote_loss, LossValue) and remote_loss.tokens == local_loss.tokens
+    assert remote_loss.loss == pytest.approx(local_loss.loss, rel=1e-5)
     assert remote_gen.text == local_gen.text and remote_gen.finish_reason == local_gen.finish_reason
     assert remote_pick.label == local_pick.label
     assert remote_pick.probs == pytest.approx(local_pick.probs, rel=1e-6)

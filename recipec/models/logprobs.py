@@ -158,3 +158,28 @@ def align_mask(encoded_ids: Sequence[int], mask: Sequence[bool], engine_ids: Seq
             out.append(text_mask[k])
             k += 1
     return out
+
+
+def prompt_ids_from_rows(rows: Sequence[Any], first: int) -> list[int]:
+    """The prompt's own token ids, read back from `prompt_logprobs` rows (each holds its token).
+
+    With `prompt_logprobs=1` a row holds the prompt's token and, when that is not the most
+    likely one, the most likely one too (rank 1): the prompt's token is the entry of the highest
+    rank. The first row is None; `first` stands there.
+    """
+    ids = []
+    for i, row in enumerate(rows):
+        if row is None:
+            if i:
+                raise ValueError(f"prompt_logprobs row {i} is empty")
+            ids.append(first)
+            continue
+        entries = list(row.items())
+        if len(entries) == 1:
+            ids.append(int(entries[0][0]))
+            continue
+        ranked = [(getattr(e, "rank", None) if not isinstance(e, dict) else e.get("rank"), k) for k, e in entries]
+        if any(rank is None for rank, _ in ranked):
+            raise ValueError(f"prompt_logprobs row {i} lists {len(entries)} tokens without ranks")
+        ids.append(int(max(ranked)[1]))
+    return ids

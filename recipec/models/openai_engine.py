@@ -25,12 +25,15 @@ The three requests:
   `guided_choice` (older vLLM) or none (other servers), whichever the server accepts: a 400 that
   names the field moves to the next, once per engine. Label probabilities come from the logprobs
   (`label_probs`); without logprobs the answered label gets probability 1.
-- `loss`: vLLM's `/v1/completions` with `prompt_logprobs`, on the conversation rendered by the
-  model's chat template and sent as token ids (so the server scores exactly the tokens whose
-  assistant mask `recipec.models.multimodal.Encoder` computed). That needs the model's tokenizer
-  here: a `tokenizer_dir`, a `tiny://` ref or a local model directory; otherwise, for requests with
-  images (the completions endpoint takes none), and for servers that return no `prompt_logprobs`,
-  each request gets `RequestError("loss_unsupported", ...)`.
+- `loss`: vLLM's `prompt_logprobs` (with `max_tokens=1`), over the assistant tokens that
+  `recipec.models.multimodal.Encoder`'s mask marks. A text conversation goes to `/v1/completions`
+  as the token ids the model's chat template gives here, so the server scores exactly those
+  tokens. A conversation with images goes to `/v1/chat/completions` (with
+  `add_generation_prompt: false`); the server's prompt tokens are read back from the rows and the
+  mask is carried over with each run of image tokens collapsed (`align_mask`). Both need the
+  model's tokenizer (and, for images, its image processor) here: a `tokenizer_dir`, a `tiny://`
+  ref or a local model folder as `ref`; without one, or against a server that returns no
+  `prompt_logprobs` (anything but vLLM), each request gets `RequestError("loss_unsupported", ...)`.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ from urllib.parse import urlsplit
 
 from recipec.models.engine import (IMAGE_PLACEHOLDER, Choice, Choose, EngineError, Generate, Generation, Loss,
                                    LossValue, RequestError, check_images)
-from recipec.models.logprobs import TOP_LOGPROBS, Step, label_probs, loss_from_prompt_logprobs
+from recipec.models.logprobs import (TOP_LOGPROBS, Step, align_mask, image_token_ids, label_probs,
+                                     loss_from_prompt_logprobs, prompt_ids_from_rows)
 
 log = logging.getLogger("recipec.models.openai")
 
@@ -88,6 +92,13 @@ class _Secret:
         return "<redacted>"
 
     __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class _Local:
+    tokenizer: Any
+    encoder: Any
+    image_ids: set[int]
 
 
 class _Unreachable(Exception):
@@ -154,7 +165,7 @@ class OpenAIEngine:
         self._pool: ThreadPoolExecutor | None = None
         self._choice_field = 0  # index into CHOICE_FIELDS
         self._loss_unsupported: str | None = None
-        self._tokenizer: Any = None
+        self._local_model: Any = None  # _Local, or False when there is none
 
     def __repr__(self) -> str:
         return f"OpenAIEngine(model={self.model!r}, endpoint={self.endpoint!r})"
@@ -282,9 +293,9 @@ class OpenAIEngine:
                                                   f"{len(labels)} labels, and sent no logprobs")
 
     def _choice_tokens(self, labels: list[str]) -> int:
-        tokenizer = self._load_tokenizer(quiet=True)
-        if tokenizer is not None:
-            return 1 + max(len(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels)
+        local = self._load_local() if self._local_model is not False else None
+        if local is not None:
+            return 1 + max(len(local.tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels)
         return min(64, 1 + max(len(label) for label in labels))  # a token is at least one character
 
     # ---- loss -----------------------------------------------------------------------------------
@@ -293,67 +304,87 @@ class OpenAIEngine:
         problem = check_images(request)
         if problem is not None:
             return problem
-        if request.images:
-            return RequestError("loss_unsupported", "an OpenAI-compatible server scores no images "
-                                                    "(its completions endpoint takes text only)")
         if self._loss_unsupported:
             return RequestError("loss_unsupported", self._loss_unsupported)
-        tokenizer = self._load_tokenizer()
-        if tokenizer is None:
+        local = self._load_local()
+        if local is None:
             return RequestError("loss_unsupported", self._loss_unsupported or "no local tokenizer")
-        from recipec.models.multimodal import EncodeError, Encoder
+        from recipec.models.multimodal import EncodeError, load_pil
 
         try:
-            encoded = Encoder(tokenizer, None).encode(request.messages)
+            encoded = local.encoder.encode(request.messages, [load_pil(image) for image in request.images])
         except EncodeError as e:
             return RequestError(e.reason, e.detail)
         if not any(encoded.assistant_mask):
             return RequestError("no_answer", "the conversation has no assistant turn to score")
-        body = {"model": self.model, "prompt": encoded.input_ids, "max_tokens": 1, "temperature": 0.0,
-                "prompt_logprobs": 1}  # 1: the prompt's own token and the best other (0 is refused by some versions)
-        data = self._post("/completions", body)
+        if request.images:
+            # the completions endpoint takes no images: the chat endpoint scores the conversation
+            # as its template renders it, without a generation prompt after the last turn
+            messages = self._messages(request)
+            if isinstance(messages, RequestError):
+                return messages
+            body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": 1, "temperature": 0.0,
+                                    "prompt_logprobs": 1, "add_generation_prompt": False}
+            data = self._post("/chat/completions", body)
+        else:  # token ids: the server scores exactly the tokens whose mask is known here
+            body = {"model": self.model, "prompt": encoded.input_ids, "max_tokens": 1, "temperature": 0.0,
+                    "prompt_logprobs": 1}  # 1: the prompt's own token and the best other (0 is refused by some versions)
+            data = self._post("/completions", body)
         if isinstance(data, RequestError):
             if data.reason in ("http_400", "http_422") and "prompt_logprobs" in data.detail:
                 self._loss_unsupported = f"the server refuses prompt_logprobs: {data.detail}"
                 return RequestError("loss_unsupported", self._loss_unsupported)
             return data
         try:
-            rows = data["choices"][0].get("prompt_logprobs")
+            rows = data.get("prompt_logprobs") if request.images else data["choices"][0].get("prompt_logprobs")
         except (KeyError, IndexError, TypeError, AttributeError):
             return RequestError("bad_response", "the response has no choices[0]", retryable=True)
         if rows is None:
             self._loss_unsupported = "the server returns no prompt_logprobs (it is not vLLM, or too old)"
             return RequestError("loss_unsupported", self._loss_unsupported)
         try:
-            mean, count = loss_from_prompt_logprobs(encoded.input_ids, rows, encoded.assistant_mask)
+            if request.images:
+                ids = prompt_ids_from_rows(rows, encoded.input_ids[0])
+                mask = align_mask(encoded.input_ids, encoded.assistant_mask, ids, local.image_ids)
+                if mask is None:
+                    return RequestError("loss_alignment", "the server's prompt tokens differ from the chat encoding "
+                                                          "here outside the image tokens (another chat template?)")
+            else:
+                ids, mask = encoded.input_ids, encoded.assistant_mask
+            mean, count = loss_from_prompt_logprobs(ids, rows, mask)
         except ValueError as e:
             return RequestError("bad_response", str(e), retryable=True)
-        return LossValue(loss=mean, tokens=count, tokens_in=len(encoded.input_ids))
+        return LossValue(loss=mean, tokens=count, tokens_in=len(ids))
 
-    def _load_tokenizer(self, quiet: bool = False) -> Any:
-        """The model's tokenizer from a local directory, or None (loss is then unsupported)."""
+    def _load_local(self) -> "_Local | None":
+        """The model's tokenizer (and image processor) from a local folder, or None: loss is unsupported."""
         with self._lock:
-            if self._tokenizer is not None:
-                return self._tokenizer or None
+            if self._local_model is not None:
+                return self._local_model or None
             folder = self._tokenizer_folder()
             if folder is None:
-                self._tokenizer = False
-                if not quiet:
-                    self._loss_unsupported = ("loss needs the model's tokenizer here: set `tokenizer_dir`, or use a "
-                                              "local model directory as `ref`")
+                self._local_model = False
+                self._loss_unsupported = ("loss needs the model's tokenizer here: set `tokenizer_dir`, or use a "
+                                          "local model directory as `ref`")
                 return None
             try:
-                from transformers import AutoTokenizer
+                from transformers import AutoConfig, AutoTokenizer
 
-                tok = AutoTokenizer.from_pretrained(folder)
-                if not getattr(tok, "chat_template", None):
+                from recipec.models.multimodal import Encoder, image_adapter
+
+                tokenizer = AutoTokenizer.from_pretrained(folder)
+                if not getattr(tokenizer, "chat_template", None):
                     raise ValueError("it has no chat template")
+                config = AutoConfig.from_pretrained(folder) if (folder / "config.json").is_file() else None
+                images = (image_adapter(folder, config, tokenizer)
+                          if config is not None and (folder / "preprocessor_config.json").is_file() else None)
+                local = _Local(tokenizer, Encoder(tokenizer, images), image_token_ids(config))
             except Exception as e:
-                self._tokenizer = False
-                self._loss_unsupported = f"cannot load the tokenizer in {folder}: {e}"
+                self._local_model = False
+                self._loss_unsupported = f"cannot load the tokenizer in {folder}: {type(e).__name__}: {e}"
                 return None
-            self._tokenizer = tok
-            return tok
+            self._local_model = local
+            return local
 
     def _tokenizer_folder(self) -> Path | None:
         if self.settings.tokenizer_dir:
