@@ -138,7 +138,7 @@ class EngineBackend:
 
 
 class EngineServer:
-    def __init__(self, backend: Any, *, slow_seconds: float = 0.5, retry_after: float = 0.05,
+    def __init__(self, backend: Any, *, slow_seconds: float = 1.0, retry_after: float = 0.05,
                  reject_fields: set[str] | None = None, prompt_logprobs: bool = True, logprobs: bool = True,
                  delay: float = 0.0):
         self.backend = backend
@@ -171,7 +171,7 @@ class EngineServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def __enter__(self) -> "EngineServer":
         self._thread.start()
