@@ -401,3 +401,28 @@ def test_concurrency_is_bounded():
             [ask(f"q{i}") for i in range(12)])
     assert all(isinstance(r, Generation) for r in results) and server.total == 12
     assert 1 <= server.most_in_flight <= 3
+
+
+def test_backoff_grows_with_jitter_and_429_waits_its_retry_after(server):
+    waits: list[float] = []
+    settings = Settings(**{**FAST.__dict__, "backoff_base": 0.01, "backoff_max": 0.03, "retry_after_max": 0.2,
+                           "max_concurrency": 1})
+    e = OpenAIEngine("m", server.url, settings=settings, sleep=waits.append)
+    server.inject("q-5xx", ["503", "503", "503"])
+    assert isinstance(e.generate([ask("q-5xx")])[0], Generation)
+    assert len(waits) == 3 and all(0 <= w <= bound for w, bound in zip(waits, (0.01, 0.02, 0.03)))
+    waits.clear()
+    server.retry_after = 0.15
+    server.inject("q-429", ["429"])
+    assert isinstance(e.generate([ask("q-429")])[0], Generation)
+    assert waits == [pytest.approx(0.15)]
+    waits.clear()
+    server.retry_after = 3600  # a server asking for an hour gets the configured most
+    server.inject("q-hour", ["429"])
+    e.generate([ask("q-hour")])
+    assert waits == [pytest.approx(0.2)]
+
+
+def test_a_wrong_path_stops_the_engine(server):
+    with pytest.raises(EngineError, match="404"):
+        OpenAIEngine("m", server.url + "/nowhere", settings=FAST).generate([ask("q")])
