@@ -278,6 +278,8 @@ def test_loss_scores_the_assistant_tokens_from_prompt_logprobs(server, tiny_dir)
 
 def test_loss_is_unsupported_without_a_tokenizer_or_server_support(server, tiny_dir, tmp_path):
     assert [r.reason for r in engine(server).loss([conversation()] * 2)] == ["loss_unsupported"] * 2
+    uncached = OpenAIEngine("org/not-in-the-cache", server.url, settings=FAST).loss([conversation()])[0]
+    assert uncached.reason == "loss_unsupported" and "tokenizer" in uncached.detail
     assert server.total == 0
     with_image = Loss(({"role": "user", "content": "<image>?"}, {"role": "assistant", "content": "red"}),
                       images=(image(tmp_path, "red", "red"),))

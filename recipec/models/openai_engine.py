@@ -32,7 +32,7 @@ The three requests:
   `add_generation_prompt: false`); the server's prompt tokens are read back from the rows and the
   mask is carried over with each run of image tokens collapsed (`align_mask`). Both need the
   model's tokenizer (and, for images, its image processor) here: a `tokenizer_dir`, a `tiny://`
-  ref or a local model folder as `ref`; without one, or against a server that returns no
+  ref, a local model folder as `ref`, or a hub id in the local Hugging Face cache; without one, or against a server that returns no
   `prompt_logprobs` (anything but vLLM), each request gets `RequestError("loss_unsupported", ...)`.
 """
 
@@ -142,6 +142,7 @@ class OpenAIEngine:
             raise EngineError("the endpoint may not carry credentials or a query; name an environment "
                               "variable with `api_key_env` instead")
         self.model = model
+        self.revision = revision
         self.settings = settings
         self.models_dir = models_dir
         self._scheme = parts.scheme
@@ -394,7 +395,18 @@ class OpenAIEngine:
         if tiny.is_tiny(self.model):
             return tiny.materialize(self.model, self.models_dir)
         local = Path(self.model).expanduser()
-        return local if (local / "tokenizer_config.json").is_file() else None
+        if local.is_dir():
+            return local if (local / "tokenizer_config.json").is_file() else None
+        if "/" not in self.model:
+            return None  # a hosted model's name (gpt-4o): there is no tokenizer to find
+        try:  # the tokenizer files of a hub id from the local Hugging Face cache, never a download
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(self.model, revision=self.revision, local_files_only=True,
+                                            allow_patterns=["*.json", "*.jinja", "*.txt", "*.model"]))
+        except Exception:
+            return None
+        return folder if (folder / "tokenizer_config.json").is_file() else None
 
     # ---- messages and images --------------------------------------------------------------------
 
