@@ -93,7 +93,7 @@ class TransformersEngine:
         # bf16 on a GPU; on a CPU float32, which is both faster there and exact for tests
         self.dtype = getattr(torch, DTYPES.get(dtype, "bfloat16")) if self.device != "cpu" else torch.float32
         self.batch_size = batch_size or (32 if self.device != "cpu" else 8)
-        self.chunk_size = 4 * self.batch_size  # requests per call the ops make (and the cache keeps)
+        self.chunk_size = 2 * self.batch_size  # requests per call the ops make (and the cache keeps)
         try:
             self.config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
