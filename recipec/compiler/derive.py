@@ -54,21 +54,29 @@ def _matches(item: ast.Item, path: tuple[str, ...]) -> bool:
 
 def merge_items(base: tuple[ast.Item, ...], derived: tuple[ast.Item, ...],
                 problems: list[Diagnostic]) -> tuple[ast.Item, ...]:
-    merged: list[ast.Item] = list(base)
+    """The base's items with the derived ones merged in; linear in their numbers (an index by identity)."""
+    merged: list[ast.Item | None] = list(base)
+    where: dict[tuple, int] = {}
+    for index, existing in enumerate(merged):
+        where.setdefault(identity(existing), index)
     for item in derived:
         if isinstance(item, ast.Removal):
-            hits = [i for i, existing in enumerate(merged) if _matches(existing, item.path)]
+            hits = [i for i, existing in enumerate(merged) if existing is not None and _matches(existing, item.path)]
             if not hits:
-                inherited = sorted({".".join(str(p) for p in identity(m)[1:] if p) for m in merged})
+                inherited = sorted({".".join(str(p) for p in identity(m)[1:] if p) for m in merged if m is not None})
                 problems.append(Diagnostic("E403", f"nothing named `{'.'.join(item.path)}` to remove", item.span,
                                            did_you_mean(".".join(item.path), inherited)))
                 continue
-            for index in reversed(hits):
-                del merged[index]
+            for index in hits:
+                key = identity(merged[index])
+                merged[index] = None  # removed; positions of the others stay valid
+                if where.get(key) == index:
+                    del where[key]
             continue
         key = identity(item)
-        position = next((i for i, existing in enumerate(merged) if identity(existing) == key), None)
+        position = where.get(key)
         if position is None:
+            where[key] = len(merged)
             merged.append(item)
             continue
         existing = merged[position]
@@ -76,7 +84,7 @@ def merge_items(base: tuple[ast.Item, ...], derived: tuple[ast.Item, ...],
             merged[position] = replace(item, items=merge_items(existing.items, item.items, problems))
         else:
             merged[position] = item
-    return tuple(merged)
+    return tuple(m for m in merged if m is not None)
 
 
 def _header(document: ast.Document) -> ast.Block | None:

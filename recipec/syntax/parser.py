@@ -447,19 +447,23 @@ class _Builder:
         return self.string(token) if token.type == "STRING" else str(token)
 
     def string(self, token: Token) -> str:
-        try:
-            text = json.loads(str(token))
-        except json.JSONDecodeError:
-            self.errors.append(Diagnostic("E013", "invalid escape in string", self.span(token),
-                                          "use \\\" \\\\ \\n \\t or \\uXXXX"))
-            return str(token)[1:-1]
+        raw = str(token)
+        if "\\" not in raw:
+            text = raw[1:-1]  # nothing escaped: the common case, without a JSON decoder
+        else:
+            try:
+                text = json.loads(raw, strict=False)
+            except json.JSONDecodeError:
+                self.errors.append(Diagnostic("E013", "invalid escape in string", self.span(token),
+                                              "use \\\" \\\\ \\n \\t or \\uXXXX"))
+                return raw[1:-1]
         found = _BAD_IN_STRING.search(text)
         if found is not None:
             bad = found.group()
             what = "a NUL character" if bad == "\0" else f"a lone surrogate `\\u{ord(bad):04x}`"
             self.errors.append(Diagnostic("E013", f"a string cannot hold {what}", self.span(token),
                                           "write the character itself, or a surrogate pair \\ud83d\\ude00 for one above U+FFFF"
-                                          if bad != "\0" else "remove the \\u0000 escape"))
+                                          if bad != "\0" else "remove the NUL character"))
         return text
 
     def value(self, node: Tree | Token) -> ast.Value:
