@@ -25,6 +25,7 @@ import base64
 import hashlib
 import json
 import math
+import socket
 import tempfile
 import threading
 import time
@@ -164,6 +165,10 @@ class EngineServer:
 
             def log_message(self, *args: Any) -> None:  # quiet
                 pass
+
+            def setup(self) -> None:
+                super().setup()  # headers and body go out in two writes: no Nagle delay between them
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def do_POST(self) -> None:  # noqa: N802
                 server._handle(self)
