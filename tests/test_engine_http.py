@@ -428,3 +428,13 @@ def test_backoff_grows_with_jitter_and_429_waits_its_retry_after(server):
 def test_a_wrong_path_stops_the_engine(server):
     with pytest.raises(EngineError, match="404"):
         OpenAIEngine("m", server.url + "/nowhere", settings=FAST).generate([ask("q")])
+
+
+def test_close_closes_the_connections_and_the_engine_still_works_after(server):
+    e = engine(server)
+    e.generate([ask(f"q{i}") for i in range(8)])
+    assert e._connections
+    e.close()
+    assert not e._connections
+    assert isinstance(e.generate([ask("again")])[0], Generation)
+    e.close()

@@ -164,6 +164,7 @@ class OpenAIEngine:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self._connections: set[http.client.HTTPConnection] = set()  # the workers' keep-alive connections
         self._choice_field = 0  # index into CHOICE_FIELDS
         self._loss_unsupported: str | None = None
         self._local_model: Any = None  # _Local, or False when there is none
@@ -192,6 +193,10 @@ class OpenAIEngine:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
+        with self._lock:
+            connections, self._connections = self._connections, set()
+        for conn in connections:
+            conn.close()
 
     def _batch(self, requests: Sequence[Any], one: Callable[[Any], Any]) -> list[Any]:
         if not requests:
@@ -460,14 +465,14 @@ class OpenAIEngine:
             self._sleep(wait)
             attempt += 1
 
-    def _connection(self, fresh: bool = False) -> http.client.HTTPConnection:
+    def _connection(self) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
-        if conn is None or fresh:
-            if conn is not None:
-                conn.close()
+        if conn is None:
             cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
             conn = cls(self._host, self._port, timeout=self.settings.timeout)
             self._local.conn = conn
+            with self._lock:
+                self._connections.add(conn)
         return conn
 
     def _drop_connection(self) -> None:
@@ -475,6 +480,8 @@ class OpenAIEngine:
         if conn is not None:
             conn.close()
             self._local.conn = None
+            with self._lock:
+                self._connections.discard(conn)
 
     def _attempt(self, path: str, data: bytes) -> dict[str, Any] | RequestError | _Failure:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
