@@ -42,10 +42,11 @@ log = logging.getLogger("recipec.models.vllm")
 MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's bound on `logprob_token_ids`
 
 
-def load(model_use: dict[str, Any], *, workers: int, models_dir: Any = None) -> "VllmEngine":
+def load(model_use: dict[str, Any], *, workers: int, models_dir: Any = None, base_dir: Any = None) -> "VllmEngine":
+    """The engine for a recipe's `engine = vllm` model; it resolves like the transformers engine's."""
     from recipec.models.transformers_engine import resolve_model_dir
 
-    path, identity = resolve_model_dir(model_use, models_dir=models_dir)
+    path, identity = resolve_model_dir(model_use, models_dir=models_dir, base_dir=base_dir)
     return VllmEngine(path, f"vllm:{identity}", dtype=model_use.get("dtype", "bfloat16"),
                       trust_remote_code=bool(model_use.get("trust_remote_code")),
                       max_images=int(model_use.get("max_images") or 4),
