@@ -72,12 +72,14 @@ class RequestCache:
 class Counts:
     sent: int = 0  # requests the engine answered in this run
     cached: int = 0  # requests answered from the cache
+    repeated: int = 0  # requests asked again within one call (identical prompts), answered once
     tokens_in: int = 0
     tokens_out: int = 0
     errors: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"requests": self.sent + self.cached, "sent": self.sent, "cached": self.cached,
+        return {"requests": self.sent + self.cached + self.repeated, "sent": self.sent, "cached": self.cached,
+                "repeated": self.repeated,
                 "tokens_in": self.tokens_in, "tokens_out": self.tokens_out, "errors": dict(sorted(self.errors.items()))}
 
 
@@ -119,6 +121,7 @@ class CachedEngine:
             self.cache.put_many([(k, r) for k, r in fresh.items() if not (isinstance(r, RequestError) and r.retryable)])
             known.update(fresh)
             self.counts.sent += len(missing)
+            self.counts.repeated += sum(1 for k in keys if k in missing) - len(missing)
         results = [known[k] for k in keys]
         for key, result in zip(keys, results):
             if isinstance(result, RequestError):

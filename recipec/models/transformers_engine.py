@@ -94,6 +94,7 @@ class TransformersEngine:
         self.dtype = getattr(torch, DTYPES.get(dtype, "bfloat16")) if self.device != "cpu" else torch.float32
         self.batch_size = batch_size or (32 if self.device != "cpu" else 8)
         self.chunk_size = 2 * self.batch_size  # requests per call the ops make (and the cache keeps)
+        self.forward_tokens = 65536 if self.device != "cpu" else 4096  # padded tokens per scoring forward
         try:
             self.config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
@@ -133,10 +134,21 @@ class TransformersEngine:
         except EncodeError as e:
             return RequestError(e.reason, e.detail)
 
-    def _batches(self, encoded: list[tuple[int, Any]]) -> list[list[tuple[int, Any]]]:
-        """Cut (index, encoded) pairs into batches of similar length (less padding, fewer waste)."""
+    def _batches(self, encoded: list[tuple[int, Any]], token_budget: int | None = None) -> list[list[tuple[int, Any]]]:
+        """Cut (index, encoded) pairs into batches of similar length (little padding).
+
+        Generation batches hold `batch_size` requests (the KV cache grows with them); a forward
+        pass without generation (choices, loss) fills a padded-token budget instead."""
         ordered = sorted(encoded, key=lambda pair: (len(pair[1].input_ids), pair[0]))
-        return [ordered[i:i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
+        if token_budget is None:
+            return [ordered[i:i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
+        batches: list[list[tuple[int, Any]]] = []
+        for pair in ordered:  # ascending length: the newest member is the longest
+            if batches and (len(batches[-1]) + 1) * len(pair[1].input_ids) <= token_budget:
+                batches[-1].append(pair)
+            else:
+                batches.append([pair])
+        return batches
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = {}
@@ -240,7 +252,7 @@ class TransformersEngine:
         torch = self.torch
         out: list[Any] = [None] * len(encoded)
         position = {id(e): k for k, (_, e) in enumerate(encoded)}
-        for batch in self._batches(encoded):
+        for batch in self._batches(encoded, token_budget=self.forward_tokens):
             inputs = self._to_device(self.encoder.collate([e for _, e in batch], padding_side="right", labels=True))
             labels = inputs.pop("labels")
             with torch.inference_mode():
