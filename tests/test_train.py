@@ -83,13 +83,15 @@ def write_project(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, tiny_models):
     root = tmp_path_factory.mktemp("train")
     recipe = write_project(root)
     plan = build_plan(compile_or_raise(recipe))
-    store = Store(root / "store")
-    with store.locked():
-        result = execute(plan, store=store, recipe_dir=root, workers=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RECIPEC_MODEL_CACHE", str(tiny_models))
+        store = Store(root / "store")
+        with store.locked():
+            result = execute(plan, store=store, recipe_dir=root, workers=1)
     outcomes = {o.id: o for o in result.outcomes}
     return {"root": root, "store": store, "plan": plan, "keys": result.keys, "outcomes": outcomes,
             "dirs": {s: store.step_dir(result.keys[s]) / "files" for s in ("train.s1", "train.s2")}}

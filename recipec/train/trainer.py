@@ -353,6 +353,8 @@ def _train(job: Job, digest: str, dist: _Dist, progress: Callable[[int, int], No
                         if fields:
                             optimizer.state[param] = {k: (v if k == "step" else v.to(param.device)) for k, v in fields.items()}
             scheduler.load_state_dict(state["scheduler"])
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr  # what the scheduler set after the checkpoint's step
             checkpoint.restore_rng(rng, state.get("python_rng"))
             start = state["step"]
             rejects = [data.Reject(**r) for r in state["rejects"]]
