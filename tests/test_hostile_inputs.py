@@ -348,3 +348,35 @@ def test_a_few_mutations_through_the_command_line(tmp_path: Path):
     for command in (["fmt", "--check"], ["plan", "--json"]):
         done = recipec(*command, paths[0])
         assert done.returncode in (0, 1, 2) and "Traceback" not in done.stderr
+
+
+# ---- model configs read from local directories ----------------------------------------------------
+
+_SIGLIP = {"model_type": "siglip_vision_model", "hidden_size": 1152, "image_size": 384, "patch_size": 14,
+           "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16}
+_QWEN = {"model_type": "qwen2", "hidden_size": 1536, "num_attention_heads": 12, "num_key_value_heads": 2,
+         "intermediate_size": 8960, "num_hidden_layers": 28, "vocab_size": 151936}
+
+
+@pytest.mark.parametrize("tower, change, needle", [
+    ("vision", {"hidden_size": "1152"}, "`hidden_size` must be a positive integer"),
+    ("vision", {"num_hidden_layers": -3}, "`num_hidden_layers` must be a positive integer"),
+    ("vision", {"patch_size": 0}, "`patch_size` must be a positive integer"),
+    ("vision", {"image_size": 10}, "smaller than one patch"),
+    ("vision", {"num_attention_heads": 7}, "not divisible"),
+    ("language", {"intermediate_size": "x"}, "`intermediate_size` must be a positive integer"),
+    ("language", {"vocab_size": 1e300}, "`vocab_size` must be a positive integer"),
+    ("language", {"num_key_value_heads": 5}, "not divisible by `num_key_value_heads`"),
+    ("language", {"hidden_size": True}, "`hidden_size` must be a positive integer"),
+])
+def test_model_configs_are_validated_with_file_and_key(tmp_path: Path, tower: str, change: dict, needle: str):
+    config = {**(_SIGLIP if tower == "vision" else _QWEN), **change}
+    write(tmp_path / "tower" / "config.json", json.dumps(config))
+    vision = "./tower" if tower == "vision" else "google/siglip-so400m-patch14-384"
+    language = "./tower" if tower == "language" else "Qwen/Qwen2.5-1.5B-Instruct"
+    recipe = write(tmp_path / "r.recipe", f'recipe "t" {{}}\nmodel m {{\n  architecture = llava_onevision\n'
+                                          f'  vision = "{vision}"\n  language = "{language}"\n}}\n')
+    result = compile_file(recipe)
+    line = 4 if tower == "vision" else 5
+    assert {(c, l) for c, l, _ in errors(result)} == {("E502", line)}
+    assert needle in result.diagnostics[0].message and "tower/config.json" in result.diagnostics[0].message

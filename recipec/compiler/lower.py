@@ -15,6 +15,7 @@ import yaml
 
 from recipec import ir
 from recipec.allocate import allocate
+from recipec.compiler import towers
 from recipec.compiler import values as v
 from recipec.compiler.files import IncludeError, Includes, include_root
 from recipec.compiler.reader import MISSING, Context, Reader
@@ -356,6 +357,13 @@ class Lowering:
                 continue
             origin[tower] = found.origin
             resolved[tower] = found.config
+            tower_config = (configs.vision_tower_config if tower == "vision" else configs.language_tower_config)(found.config)
+            wrong = towers.problems(tower_config, towers.VISION_SIZES if tower == "vision" else towers.LANGUAGE_SIZES)
+            for problem in wrong:
+                self.ctx.error("E502", f"the {tower} tower's config `{printable(found.location)}`: {problem}",
+                               r.value_span(key), "fix the config.json, or name another model")
+            if wrong:
+                del resolved[tower]
         if len(resolved) != 2:
             return
         try:
@@ -363,8 +371,9 @@ class Lowering:
             geometry = configs.vision_geometry(vision_cfg)
             counts = configs.count_params(vision_cfg, resolved["language"], projector=projector,
                                          vision_feature_layer=vision_layer, tie_word_embeddings=tie)
-        except configs.ModelConfigError as error:
-            self.ctx.error("E501", f"model `{name}`: {error}", block.kind_span)
+        except (configs.ModelConfigError, TypeError, ValueError, KeyError, ArithmeticError) as error:
+            # what the checks above do not know of still becomes a located error, never a traceback
+            self.ctx.error("E501", f"model `{name}`: {printable(str(error))}", block.kind_span)
             return
         self.architectures[name] = ir.Architecture(
             name=name, vision=ir.ModelUse(ref=vision, **overrides), language=ir.ModelUse(ref=language, **overrides),
