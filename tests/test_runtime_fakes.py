@@ -201,6 +201,7 @@ source a {{
   images = "data/a/images"
   category = caption
   type = general
+  scores = [loss]
   expect = 14
 }}
 
@@ -209,6 +210,7 @@ source b {{
   path = "data/b/*.jsonl"
   category = comprehensive
   type = text
+  scores = [loss]
   expect = 10
 }}
 
