@@ -272,6 +272,9 @@ class Stage(Node):
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = 0.0
     max_length: int = 8192
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 500  # optimizer steps between intermediate checkpoints; 0: none
+    grad_clip: float = 1.0  # max gradient norm; 0: no clipping
     samples: int | None = None
     balance: Balance | None = None
     order: Order = Order()

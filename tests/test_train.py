@@ -60,6 +60,8 @@ stage s2 {
   epochs = 4
   warmup = 10%
   max_length = 80
+  checkpoint_every = 6
+  gradient_checkpointing = true
   mix {
     toy = all
   }
@@ -185,6 +187,15 @@ def test_the_stages_write_their_llava_next_args(trained):
     assert "--mm_tunable_parts mm_vision_tower,mm_mlp_adapter,mm_language_model" in s2
     assert "--pretrain_mm_mlp_adapter checkpoints/s1/mm_projector.bin" in s2
     assert "--version qwen_1_5" in s2 and "--data_path s2/s2.yaml" in s2 and "--image_folder s2/images" in s2
+
+
+def test_intermediate_checkpoints_are_kept_with_the_stage(trained):
+    files = trained["dirs"]["train.s2"]
+    assert sorted(p.name for p in (files / "checkpoints").iterdir()) == ["step-0000006", "step-0000012"]
+    state = json.loads((files / "checkpoints" / "step-0000012" / "state.json").read_text())
+    assert state["step"] == 12 and state["scheduler"]["last_epoch"] == 12
+    assert (files / "checkpoints" / "step-0000006" / "trainable.safetensors").is_file()
+    assert not list(files.glob("checkpoints/*/optimizer.safetensors"))  # resuming is over: not kept
 
 
 def test_a_second_run_finds_the_training_steps_cached(trained):

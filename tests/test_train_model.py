@@ -116,3 +116,16 @@ def test_batch_geometry_splits_the_global_batch_over_devices():
         StageSettings.from_params(toy.stage("s", ["projector"], 1e-3, batch=24, micro_batch=5)).geometry(1)
     with pytest.raises(SettingsError, match="does not split"):
         stage.geometry(3)
+
+
+def test_the_stage_settings_of_training_compile_into_the_ir(tmp_path):
+    from recipec.compiler import compile_or_raise
+    from tests.test_train import RECIPE
+
+    recipe = tmp_path / "toy.recipe"
+    recipe.write_text(RECIPE.replace("  checkpoint_every = 6\n", "  checkpoint_every = 6\n  grad_clip = 0.5\n"))
+    s1, s2 = compile_or_raise(recipe).stages
+    assert (s1.gradient_checkpointing, s1.checkpoint_every, s1.grad_clip) == (False, 500, 1.0)
+    assert (s2.gradient_checkpointing, s2.checkpoint_every, s2.grad_clip) == (True, 6, 0.5)
+    settings = StageSettings.from_params(s2.model_dump(mode="json"))
+    assert settings.gradient_checkpointing and settings.checkpoint_every == 6 and settings.grad_clip == 0.5

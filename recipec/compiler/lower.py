@@ -699,7 +699,8 @@ class Lowering:
     def stage(self, name, block, datasets, pools, previous, parts_taken, parts_n) -> ir.Stage | None:
         keys = {"model", "train", "image_size", "grid", "max_tiles", "image_token_budget", "lr", "vision_lr",
                 "projector_lr", "language_lr", "batch", "micro_batch", "epochs", "warmup", "schedule",
-                "weight_decay", "max_length", "samples", "balance", "order", "after"}
+                "weight_decay", "max_length", "samples", "balance", "order", "after", "gradient_checkpointing",
+                "checkpoint_every", "grad_clip"}
         r = Reader(self.ctx, block, keys=keys, blocks={"mix", "balance"}, what=f"stage `{name}`")
         model_name = self.stage_model(r, name, block)
         architecture = self.architectures.get(model_name) if model_name else None
@@ -730,6 +731,9 @@ class Lowering:
             schedule=r.get("schedule", _enum(("cosine", "linear", "constant"), "schedule"), "cosine"),
             weight_decay=r.get("weight_decay", lambda x: v.real(x, minimum=0.0), 0.0),
             max_length=r.get("max_length", lambda x: v.integer(x, minimum=16), 8192),
+            gradient_checkpointing=r.get("gradient_checkpointing", v.boolean, False),
+            checkpoint_every=r.get("checkpoint_every", lambda x: v.integer(x, minimum=0), 500),  # steps; 0: none
+            grad_clip=r.get("grad_clip", lambda x: v.real(x, minimum=0.0), 1.0),  # 0: no clipping
         )
         mixes = r.nested("mix")
         if not mixes:

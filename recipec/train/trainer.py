@@ -315,7 +315,7 @@ def _train(job: Job, digest: str, dist: _Dist, progress: Callable[[int, int], No
 
     model.to(dist.device)
     if settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     wrapper = _loss_module(model, tile, dummy_vision=dist.on)
     if dist.on:
@@ -452,7 +452,7 @@ def _train(job: Job, digest: str, dist: _Dist, progress: Callable[[int, int], No
         if dist.on:
             model_state = {k[len("model."):]: v for k, v in model_state.items()}
         if settings.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+            model.activation_checkpointing_disable()
         checkpoint.save_final(model, tokenizer, processor, tmp / "checkpoint", state_dict=model_state)
         shutil.copyfile(log_path, tmp / LOG)
         seen, _ = data.total_steps(len(samples), settings.batch, settings.epochs)
