@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Callable
 
 from recipec.compiler.values import ValueProblem
@@ -41,9 +42,11 @@ class Reader:
         self.attributes: dict[str, ast.Attribute] = {}
         self.blocks: list[ast.Block] = []
         self.rules: list[ast.Rule] = []
+        self.unknown: list[str] = []  # keys reported as unknown: a missing key may be one of them misspelt
         for item in (items if items is not None else (block.items if block else ())):
             if isinstance(item, ast.Attribute):
                 if item.key not in keys:
+                    self.unknown.append(item.key)
                     ctx.error("E102", f"unknown key `{item.key}` in {self.what}", item.key_span,
                               did_you_mean(item.key, keys))
                 elif item.key in self.attributes:
@@ -88,7 +91,9 @@ class Reader:
         attribute = self.attributes.get(key)
         if attribute is None:
             if default is MISSING:
-                self.ctx.error("E106", f"{self.what} needs `{key}`", self.span, f"add `{key} = ...`")
+                if not difflib.get_close_matches(key, self.unknown, n=1, cutoff=0.6):
+                    self.ctx.error("E106", f"{self.what} needs `{key}`", self.span, f"add `{key} = ...`")
+                # else: the misspelt key was reported, with "did you mean"
                 return None
             return default
         try:

@@ -16,7 +16,7 @@ from lark.grammar import Rule
 from lark.lexer import TerminalDef
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
-from recipec.diagnostics import Diagnostic, RecipeErrors, Span
+from recipec.diagnostics import Diagnostic, RecipeErrors, Span, printable
 from recipec.syntax import ast
 
 GRAMMAR_PACKAGE = "recipec.grammar"
@@ -334,6 +334,19 @@ def _lookalike_hint(char: str) -> str:
     return "names are ASCII letters, digits, `_` and `-`; non-ASCII text belongs in a string"
 
 
+_HEADER = re.compile(r'\s*[A-Za-z_][\w\-]*(\s+([A-Za-z_][\w\-]*|"(?:[^"\\\n]|\\.)*"))*\s*')
+
+
+def _open_header(lines: list[str], index: int) -> tuple[int, str] | None:
+    """(index, text) of the nearest line above `index` that reads like a block header left without `{`."""
+    while index >= 0 and not lines[index].split("#")[0].split("//")[0].strip():
+        index -= 1
+    if index < 0:
+        return None
+    text = lines[index].split("#")[0].split("//")[0].rstrip()
+    return (index, text) if _HEADER.fullmatch(text) else None
+
+
 def _token_name(terminal: str) -> str:
     if terminal in _TOKEN_NAMES:
         return _TOKEN_NAMES[terminal]
@@ -364,6 +377,14 @@ def _token_problem(error: UnexpectedToken, text: str, path: str, span: Span) -> 
             column = span.column - (token.start_pos - start)
             return Diagnostic("E015", f"`{literal}` is not a number", Span(path, span.line, column, span.line, column + len(literal)),
                               _unit_hint(literal))
+    if token.type == "EQUAL" and re.fullmatch(r"\s*[A-Za-z_][\w\-]*\s*", before):
+        header = _open_header(lines, span.line - 2)
+        if header is not None:
+            number, text = header
+            column = len(text.rstrip()) + 1
+            return Diagnostic("E017", f"missing `{{` after `{printable(text.strip())}`",
+                              Span(path, number + 1, column, number + 1, column + 1),
+                              f"open the block: `{printable(text.strip())} {{`")
     if token.type.lower() in KEYWORDS and "IDENT" in (error.accepts or error.expected):
         return Diagnostic("E016", f"`{token.value}` is a reserved word and cannot be a name here",
                           span, f"choose another name, e.g. `{token.value}_set`")
@@ -536,7 +557,7 @@ def _syntax_errors(error: UnexpectedInput, text: str, path: str) -> list[Diagnos
     while len(found) < MAX_SYNTAX_ERRORS:
         last = found[-1]
         lines = attempt.split("\n")
-        if last.code in ("E004", "E005", "E012") or not 0 < last.span.line <= len(lines):
+        if last.code in ("E004", "E005", "E012", "E017") or not 0 < last.span.line <= len(lines):
             break
         faulty = lines[last.span.line - 1]
         if not _balanced(faulty):
