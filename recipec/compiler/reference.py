@@ -126,6 +126,9 @@ KEYS: dict[str, dict[str, str]] = {
         "balance": "`data_type`, `source` or `category` (or a `balance { ... }` block)",
         "order": "`shuffle`, `sequential`, ascending(field) or descending(field)",
         "after": "the stage whose checkpoint this one starts from (default: the one before)",
+        "gradient_checkpointing": "bool; recompute activations in the backward pass to save memory",
+        "checkpoint_every": "integer >= 0; optimizer steps between intermediate checkpoints (0: none)",
+        "grad_clip": "real >= 0; the largest gradient norm (0: no clipping)",
     },
     "balance": {"by": "`data_type`, `source` or `category`", "min_share": "share", "max_share": "share"},
 }
