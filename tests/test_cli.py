@@ -121,4 +121,9 @@ def test_plan_marks_what_a_run_would_find_cached(tmp_path):
     assert ran.returncode == 0, ran.stderr
     after = json.loads(recipec("plan", quickstart, "--json", "--store", store).stdout)
     cached = {s["id"] for s in after["steps"] if s["cached"]}
-    assert cached == {s["id"] for s in after["steps"] if s["op"] != "train"}
+    blocked: set[str] = set()  # steps that load a model, and everything after them
+    for s in after["steps"]:
+        if s["uses_model"] or blocked.intersection(s["inputs"]):
+            blocked.add(s["id"])
+    assert cached == {s["id"] for s in after["steps"]} - blocked
+    assert {s["id"] for s in after["steps"] if s["op"] == "ingest"} <= cached

@@ -121,11 +121,11 @@ def test_tiny_llava_onevision_counts():
     cfg = resolve_config("tiny://llava-onevision").config
     # values from transformers' LlavaOnevisionForConditionalGeneration built from this config
     assert count_model_params(cfg) == {
-        "vision": 23_840,
-        "projector": 2_112,
-        "language": 35_104,
-        "image_newline": 32,
-        "total": 61_088,
+        "vision": 291_968,
+        "projector": 33_024,
+        "language": 361_600,
+        "image_newline": 128,
+        "total": 686_720,
     }
 
 
@@ -170,22 +170,24 @@ def test_max_image_tokens_rejects_nonsense():
 def test_tiny_refs_resolve(ref):
     resolved = resolve_config(ref)
     assert (resolved.ref, resolved.origin, resolved.location) == (ref, "tiny", ref)
-    assert resolved.config["model_type"] in {"llava_onevision", "siglip_vision_model", "qwen2"}
+    assert resolved.config["model_type"] in {"llava_onevision", "siglip_vision_model", "siglip", "qwen2", "qwen2_vl"}
 
 
 def test_tiny_llava_onevision_shape():
     cfg = resolve_config("tiny://llava-onevision").config
     vision, text = tower_configs(cfg)
     assert cfg["model_type"] == "llava_onevision"
-    assert (vision["image_size"], vision["patch_size"], vision["hidden_size"]) == (32, 8, 32)
-    assert (text["hidden_size"], text["num_key_value_heads"], text["vocab_size"]) == (32, 2, 512)
+    assert (vision["image_size"], vision["patch_size"], vision["hidden_size"]) == (32, 8, 128)
+    assert (text["hidden_size"], text["num_key_value_heads"], text["vocab_size"]) == (128, 1, 512)
+    # head_dim 64 in both towers: the smallest vLLM's CPU attention accepts
+    assert vision["hidden_size"] // vision["num_attention_heads"] == text["hidden_size"] // text["num_attention_heads"] == 64
     assert cfg["image_token_index"] < text["vocab_size"]
     assert [32, 32] in cfg["image_grid_pinpoints"] and [192, 192] in cfg["image_grid_pinpoints"]
 
 
 def test_tiny_configs_are_fresh_copies():
     resolve_config("tiny://qwen2").config["hidden_size"] = 999
-    assert resolve_config("tiny://qwen2").config["hidden_size"] == 32
+    assert resolve_config("tiny://qwen2").config["hidden_size"] == 128
 
 
 def test_local_directory_and_file(tmp_path):
