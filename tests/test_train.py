@@ -203,3 +203,38 @@ def test_a_second_run_finds_the_training_steps_cached(trained):
     with store.locked():
         again = execute(trained["plan"], store=store, recipe_dir=trained["root"], workers=1)
     assert all(o.cached for o in again.outcomes)
+
+
+def test_recipec_train_emits_a_launch_script_whose_job_recipec_run_then_stores(tmp_path, tiny_models, monkeypatch):
+    import subprocess
+
+    from recipec.cli.main import main
+    from recipec.train import launch, trainer
+
+    monkeypatch.setenv("RECIPEC_MODEL_CACHE", str(tiny_models))
+    recipe = write_project(tmp_path)
+    store = tmp_path / "store"
+    assert main(["train", str(recipe), "s1", "--emit", "slurm", "--store", str(store)]) == 2  # export not stored yet
+    assert main(["run", str(recipe), "--store", str(store), "--out", str(tmp_path / "out"), "--until", "s1", "-q",
+                 "--workers", "1"]) == 0
+    for kind in ("slurm", "torchrun"):
+        script = tmp_path / f"{kind}.sh"
+        assert main(["train", str(recipe), "s1", "--emit", kind, "--store", str(store), "--gpus", "4",
+                     "--nodes", "2", "-o", str(script)]) == 0
+        text = script.read_text()
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+        assert "-m recipec.train.launch" in text and "--only train.s1" in text
+    assert "#SBATCH --nodes=2" in (tmp_path / "slurm.sh").read_text()
+    assert "srun" in (tmp_path / "slurm.sh").read_text() and "--rdzv_backend=c10d" in (tmp_path / "slurm.sh").read_text()
+    jobs = list(store.glob("work/*/job.json"))
+    assert len(jobs) == 1
+    assert launch.main([str(jobs[0])]) == 0  # what the script's torchrun runs on every rank
+    called = []
+    monkeypatch.setattr(trainer, "_train", lambda *a, **k: called.append(a))
+    assert main(["run", str(recipe), "--store", str(store), "--out", str(tmp_path / "out"), "--until", "train.s1",
+                 "-q", "--workers", "1"]) == 0
+    assert not called  # the finished job was taken in, not trained again
+    plan = build_plan(compile_or_raise(recipe))
+    result = [o for o in execute(plan, store=Store(store), recipe_dir=tmp_path, until=["train.s1"]).outcomes
+              if o.id == "train.s1"][0]
+    assert result.cached and result.dropped == {"too_long": 2, "trained": 64}

@@ -80,3 +80,28 @@ def test_a_finished_job_is_not_trained_again(tmp_path, tiny_models):
     stamp = (Path(once.work_dir) / FINAL / "checkpoint" / "model.safetensors").stat().st_mtime_ns
     assert train(once) == first
     assert (Path(once.work_dir) / FINAL / "checkpoint" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.skipif(not os.environ.get("RECIPEC_TEST_FSDP"), reason="two torchrun ranks on CPU (gloo): set RECIPEC_TEST_FSDP=1")
+def test_fsdp_over_two_ranks_matches_one_process(tmp_path, tiny_models):
+    import pyarrow.parquet as pq
+    import torch
+    import transformers as tf
+
+    pq.write_table(toy.records(tmp_path / "images", 12, seed=3, text_only=4), tmp_path / "records.parquet")
+    jobs = {}
+    for name in ("fsdp", "single"):
+        jobs[name] = job(tmp_path, name, tiny_models)
+        jobs[name].stage = {**jobs[name].stage, "epochs": 1.0, "checkpoint_every": 1}
+    work = Path(jobs["fsdp"].work_dir)
+    work.mkdir()
+    (work / JOB).write_text(jobs["fsdp"].to_json())
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "recipec.train.launch", str(work / JOB)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    train(jobs["single"])
+    weights = {n: tf.LlavaOnevisionForConditionalGeneration.from_pretrained(Path(j.work_dir) / FINAL / "checkpoint")
+               .state_dict() for n, j in jobs.items()}
+    assert max((weights["fsdp"][k] - weights["single"][k]).abs().max().item() for k in weights["single"]) < 1e-5
+    assert json.loads((work / FINAL / "result.json").read_text())["world"] == 2

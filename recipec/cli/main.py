@@ -15,6 +15,7 @@ COMMANDS = {
     "plan": ("recipec.cli.plan", "show the steps and the per-stage composition"),
     "diff": ("recipec.cli.diff", "compare two recipes by meaning"),
     "run": ("recipec.cli.run", "run the plan: what is not cached, resumably"),
+    "train": ("recipec.cli.train", "write the launch script of a training stage (torchrun, Slurm)"),
 }
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2

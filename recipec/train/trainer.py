@@ -73,9 +73,12 @@ class Job:
         return cls(**json.loads(text))
 
     def digest(self) -> str:
-        """What the weights depend on (not where files are, nor the thread count's record)."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("work_dir", "models_dir", "records")}
+        """What the weights depend on: not where the files are, nor the thread count."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items()
+                  if k not in ("work_dir", "models_dir", "records", "recipe_dir", "start", "threads")}
         fields["records_sha256"] = _sha256(Path(self.records))
+        # the previous stage's checkpoint by its store key (its folder is <store>/steps/<xx>/<key>/files/checkpoint)
+        fields["start"] = Path(self.start).parent.parent.name if self.start else None
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -172,15 +175,22 @@ def _loss_module(model: Any, tile: int, dummy_vision: bool) -> Any:
             keep = torch.zeros_like(labels, dtype=torch.bool)
             keep[:, :-1] = labels[:, 1:] != -100
             inputs = {k: v for k, v in batch.items() if k != "labels"}
+            blank = None
+            if dummy_vision and "pixel_values" not in batch:  # before the language model, as a real image runs
+                from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+                tiles = image_size_to_num_patches([tile, tile], self.model.config.image_grid_pinpoints, tile)
+                pixels = torch.zeros(1, tiles, 3, tile, tile, device=labels.device,
+                                     dtype=next(self.model.parameters()).dtype)
+                features = self.model.model.get_image_features(
+                    pixels, torch.tensor([[tile, tile]], device=labels.device), vision_feature_layer=-1,
+                    vision_feature_select_strategy="full", batch_num_images=torch.tensor([1]))
+                blank = sum(f.float().sum() for f in features.pooler_output)
             out = self.model(**inputs, logits_to_keep=keep, use_cache=False)
             targets = labels[:, 1:][keep[:, :-1]]
             loss = torch.nn.functional.cross_entropy(out.logits.float(), targets, reduction="sum")
-            if dummy_vision and "pixel_values" not in batch:
-                blank = torch.zeros(1, 1, 3, tile, tile, device=labels.device, dtype=next(self.model.parameters()).dtype)
-                features = self.model.model.get_image_features(
-                    blank, torch.tensor([[tile, tile]], device=labels.device), vision_feature_layer=-1,
-                    vision_feature_select_strategy="full", batch_num_images=torch.tensor([1]))
-                loss = loss + 0.0 * sum(f.float().sum() for f in features.pooler_output)
+            if blank is not None:
+                loss = loss + 0.0 * blank
             return loss, targets.numel()
 
     return LossModel()
@@ -340,7 +350,7 @@ def _train(job: Job, digest: str, dist: _Dist, progress: Callable[[int, int], No
                 set_optimizer_state_dict(wrapper, optimizer, {"state": {
                     f"model.{k}": v for k, v in checkpoint.optimizer_state(optim).items()},
                     "param_groups": state["param_groups"]}, options=StateDictOptions(
-                    full_state_dict=True, broadcast_from_rank0=True))
+                    full_state_dict=True, broadcast_from_rank0=True, strict=False))  # unused weights have no state
             else:
                 missing = trainable - {k[len("model."):] for k in weights}
                 if missing:
