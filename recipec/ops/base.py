@@ -45,12 +45,12 @@ class OperationError(Exception):
 
 
 class Progress(Protocol):
-    def advance(self, n: int) -> None: ...
+    def advance(self, n: int, tokens: int = 0) -> None: ...
     def total(self, n: int | None) -> None: ...
 
 
 class _NoProgress:
-    def advance(self, n: int) -> None:
+    def advance(self, n: int, tokens: int = 0) -> None:
         pass
 
     def total(self, n: int | None) -> None:

@@ -89,7 +89,8 @@ def ask(ctx: StepContext, engine: Any, method: str, requests: Sequence[Any]) -> 
         answers = call(chunk)
         if len(answers) != len(chunk):
             raise OperationError(f"the engine answered {len(answers)} of {len(chunk)} requests")
-        ctx.progress.advance(len(chunk))
+        tokens = sum(getattr(a, "tokens_in", 0) + getattr(a, "tokens_out", 0) for a in answers)
+        ctx.progress.advance(len(chunk), tokens=tokens)
         yield from answers
 
 

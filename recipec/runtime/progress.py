@@ -24,26 +24,28 @@ if TYPE_CHECKING:
 class StepProgress:
     """Progress of one step, fed by the op (`advance`, `total`) or else by the executor per chunk."""
 
-    def __init__(self, update: Callable[[int, int | None], None], total: int | None = None):
+    def __init__(self, update: Callable[..., None], total: int | None = None):
         self._update = update
         self.done = 0
         self.expected = total
+        self.tokens = 0  # model tokens in and out so far (model steps count requests, not records)
         self.driven = False  # the op reports its own progress
 
-    def advance(self, n: int) -> None:
+    def advance(self, n: int, tokens: int = 0) -> None:
         self.driven = True
         self.done += n
-        self._update(self.done, self.expected)
+        self.tokens += tokens
+        self._update(self.done, self.expected, self.tokens)
 
     def total(self, n: int | None) -> None:
         self.driven = True
         self.expected = n
-        self._update(self.done, self.expected)
+        self._update(self.done, self.expected, self.tokens)
 
     def chunk_consumed(self, n: int) -> None:
         if not self.driven:
             self.done += n
-            self._update(self.done, self.expected)
+            self._update(self.done, self.expected, self.tokens)
 
 
 class RunProgress:
@@ -53,7 +55,7 @@ class RunProgress:
         self.count = count
 
     def step_started(self, step: "Step", position: int, total: int | None) -> StepProgress:
-        return StepProgress(lambda done, expected: None, total)
+        return StepProgress(lambda done, expected, tokens=0: None, total)
 
     def step_finished(self, position: int, outcome: "StepOutcome", progress: StepProgress | None = None) -> None:
         """`progress` is what `step_started` returned; None for a cached step, which never started."""
@@ -89,16 +91,18 @@ class PlainProgress(RunProgress):
         self._print(f"{prefix} ({step.op}) running{size}")
         started = last = time.monotonic()
 
-        def update(done: int, expected: int | None) -> None:
+        def update(done: int, expected: int | None, tokens: int = 0) -> None:
             nonlocal last
             now = time.monotonic()
             if now - last < self.INTERVAL:
                 return
             last = now
-            rate = done / max(now - started, 1e-9)
+            elapsed = max(now - started, 1e-9)
+            rate = done / elapsed
             eta = f", ETA {_duration((expected - done) / rate)}" if expected and rate > 0 and done <= expected else ""
             of = f"/{expected:,}" if expected is not None else ""
-            self._print(f"{prefix}: {done:,}{of} records, {rate:,.0f}/s{eta}")
+            what = f"requests, {rate:,.1f}/s, {tokens / elapsed:,.0f} tokens/s" if tokens else f"records, {rate:,.0f}/s"
+            self._print(f"{prefix}: {done:,}{of} {what}{eta}")
 
         return StepProgress(update, total)
 
@@ -120,6 +124,10 @@ class RichProgress(RunProgress):
         class RateColumn(ProgressColumn):
             def render(self, task: Any) -> Text:
                 speed = task.finished_speed or task.speed
+                tokens = task.fields.get("tokens", 0)
+                if tokens and speed:  # a model step: requests and tokens per second
+                    per_token = tokens / max(task.elapsed or 1e-9, 1e-9)
+                    return Text(f"{speed:,.1f} req/s {per_token:,.0f} tok/s", style="progress.data.speed")
                 return Text(f"{speed:,.0f} rec/s" if speed else "", style="progress.data.speed")
 
         self.console = Console(file=stream or sys.stderr)
@@ -137,8 +145,8 @@ class RichProgress(RunProgress):
     def step_started(self, step: "Step", position: int, total: int | None) -> StepProgress:
         task = self.bars.add_task(f"[{position}/{self.count}] {step.id}", total=total)
 
-        def update(done: int, expected: int | None) -> None:
-            self.bars.update(task, completed=done, total=expected)
+        def update(done: int, expected: int | None, tokens: int = 0) -> None:
+            self.bars.update(task, completed=done, total=expected, tokens=tokens)
 
         progress = StepProgress(update, total)
         self._tasks[id(progress)] = task
