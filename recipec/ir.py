@@ -136,7 +136,8 @@ class ImageTagger(Node):
     on: tuple[str, ...]
     threshold: float = 0.68
     max_tags: int = 20
-    vocabulary: str | None = None
+    vocabulary: str | None = None  # the file the tags came from
+    tags: tuple[str, ...] = ()  # the vocabulary (empty: the model's own, e.g. RAM++)
 
 
 class InstructionTagger(Node):

@@ -224,3 +224,43 @@ def test_shares_are_split_once_so_they_add_up(tmp_path):
     assert result.ok, [d.header() for d in result.diagnostics]
     composition = result.recipe.stages[0].composition
     assert composition.total == 100 and sum(composition.by_source.values()) == 100
+
+
+# ---- the image tagger's vocabulary ----------------------------------------------------------------
+
+TAGGER = '''recipe "t" {}
+source s {
+  format = llava_jsonl
+  path = "s.jsonl"
+  images = "images"
+}
+image_tagger tags {
+  model = "tiny://siglip-tagger"
+  on = [s]
+  vocabulary = "VOCAB"
+}
+'''
+
+
+def test_the_tag_vocabulary_is_read_into_the_recipe(tmp_path):
+    (tmp_path / "tags.txt").write_text("# objects\ndog\ncat  # pets\n\ndog\nstreet\n", encoding="utf-8")
+    result = compile_text(tmp_path, TAGGER.replace("VOCAB", "tags.txt"))
+    assert codes(result) == []
+    tagger = result.recipe.image_taggers["tags"]
+    assert tagger.tags == ("dog", "cat", "street") and tagger.vocabulary == "tags.txt"
+    # the tags are part of what the plan fingerprints: editing the file re-runs the tagging
+    from recipec.plan import build_plan
+
+    before = build_plan(result.recipe).steps["tag_images.tags"].fingerprint
+    (tmp_path / "tags.txt").write_text("dog\ncat\nstreet\nsky\n", encoding="utf-8")
+    after = build_plan(compile_text(tmp_path, TAGGER.replace("VOCAB", "tags.txt")).recipe).steps["tag_images.tags"]
+    assert after.fingerprint != before
+
+
+def test_an_empty_or_missing_vocabulary_is_located(tmp_path):
+    (tmp_path / "empty.txt").write_text("# nothing here\n\n", encoding="utf-8")
+    empty = compile_text(tmp_path, TAGGER.replace("VOCAB", "empty.txt"))
+    [diagnostic] = [d for d in empty.diagnostics if d.is_error]
+    assert (diagnostic.code, diagnostic.span.line) == ("E202", 10) and "holds no tag" in diagnostic.message
+    missing = compile_text(tmp_path, TAGGER.replace("VOCAB", "absent.txt"))
+    assert codes(missing) == ["E402"]

@@ -462,10 +462,20 @@ class Lowering:
         threshold = r.get("threshold", lambda x: v.real(x, minimum=0.0, maximum=1.0), 0.68)
         max_tags = r.get("max_tags", lambda x: v.integer(x, minimum=1, maximum=1000), 20)
         vocabulary = r.get("vocabulary", v.string, None)
-        if model is None or threshold is None or max_tags is None:
+        included = self.read_file(vocabulary, r.value_span("vocabulary")) if vocabulary else None
+        if model is None or threshold is None or max_tags is None or (vocabulary and included is None):
             return None
+        tags: tuple[str, ...] = ()
+        if included is not None:
+            # one tag per line; blank lines and `#` comments skipped; the first spelling of a tag wins
+            lines = (line.split("#", 1)[0].strip() for line in included[1].splitlines())
+            tags = tuple(dict.fromkeys(line for line in lines if line))
+            if not tags:
+                self.ctx.error("E202", f"the tag vocabulary `{printable(vocabulary)}` holds no tag", r.value_span("vocabulary"),
+                               "write one tag per line (objects, scenes, actions)")
+                return None
         return ir.ImageTagger(name=name, model=model, on=on, threshold=threshold, max_tags=max_tags,
-                              vocabulary=self.path_of(vocabulary, r.value_span("vocabulary")) if vocabulary else None)
+                              vocabulary=included[0] if included else None, tags=tags)
 
     def instruction_tagger(self, name: str, block: ast.Block, datasets: dict) -> ir.InstructionTagger | None:
         r = Reader(self.ctx, block, keys={"model", "on", "taxonomy", "prompt", "max_tags"} | MODEL_USE_KEYS,

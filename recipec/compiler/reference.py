@@ -166,13 +166,14 @@ stage t2 { mix { s = all } }
 
 STEPS = {
     "ingest": "reads one source into records, validating each (reject reasons below)",
-    "tag_images": "image tags from a tagging model (RAM++ style)",
-    "tag_instructions": "instruction types from the taxonomy, chosen by a model",
+    "tag_images": "`image_tags`: zero-shot SigLIP tags from the vocabulary file, at or above `threshold`, up to `max_tags`",
+    "tag_instructions": "`instruction_tags`: taxonomy leaves chosen level by level by constrained choice, "
+                        "with their probabilities in `scores`",
     "map_tags": "TF-IDF of image tags per instruction type: which questions to ask of an image",
     "generate_questions": "new questions per seed image, with few-shot examples of the target type",
     "judge_relevance": "asks the model whether a question fits its image (`keep relevance >= x`)",
     "generate_answers": "answers in each style",
-    "judge_score": "a 1-10 score per (image, question, answer)",
+    "judge_score": "a 1-10 score per record by constrained choice (synthesis, or a filter's `keep field >= x { model = ... }`)",
     "score_loss": "per-sample mean token loss over the answers under a model",
     "threshold": "`keep|drop field <op> value`: drops records by a score (`threshold_<field>`)",
     "percentile": "`drop field top|bottom x%`: drops the share of records with the extreme scores",
@@ -357,7 +358,7 @@ def render() -> str:
             "image sizes; `keep`/`drop` a field of `scores` (from the data, declared with a source's `scores`, or",
             "computed by the rule's `model`).", "",
             "Reject reasons: " + ", ".join(f"`{r}`" for r in sorted(REJECT_REASONS)) +
-            ", and the families `clean_<rule>`, `threshold_<field>`, `percentile_<field>`.", ""]
+            ", and the families `clean_<rule>`, `threshold_<field>`, `percentile_<field>`, `http_<status>`.", ""]
     out += ["## Exports", "",
             "Per stage, into `OUT/<stage>/`, as the header's `export` block says (default: `llava`):", "",
             "| format | files |", "|---|---|",

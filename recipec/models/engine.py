@@ -113,6 +113,16 @@ class RequestError:
     retryable: bool = False  # a transient failure: not kept in the request cache, asked again next run
 
 
+# The reasons an engine gives a request it cannot answer (reject codes); `http_<status>` is a
+# family (a server's 4xx, or a 5xx that outlasted the retries).
+REQUEST_ERRORS = frozenset({
+    "image_refused", "image_placeholders", "images_unsupported", "image_count", "image_changed", "image_unreadable",
+    "too_long", "no_answer", "no_labels", "no_chat_template", "chat_template", "choice_unparseable", "content_filter",
+    "loss_unsupported", "loss_alignment", "timeout", "connection_error", "bad_response", "unreachable",
+    "engine_failure", "vllm_rejected",
+})
+
+
 Result = Union[Generation, Choice, LossValue, TagScores, RequestError]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from recipec.ops import clean, collect, cuts, dedup, export, ingest, judge, loss, mapping, mix, synthesize, tag
 from recipec.ops import train
+from recipec.models.engine import REQUEST_ERRORS
 from recipec.ops.base import Operation
 
 OPERATIONS: dict[str, Operation] = {
@@ -32,7 +33,9 @@ OPERATIONS: dict[str, Operation] = {
     "train": train.run,
 }
 
-# Every reason a data op here may give a reject (stable codes; `clean_*`, `threshold_<field>` and
-# `percentile_<field>` are families). Skipped (not rejected) by mix: not_selected, not_in_stage.
+# Every reason an op here may give a reject (stable codes; `clean_*`, `threshold_<field>`,
+# `percentile_<field>` and the engines' `http_<status>` are families). Skipped (not rejected) by
+# mix: not_selected, not_in_stage; by synthesis: no_image, same_image, untagged_image,
+# over_image_cap, merged_into_multi_turn.
 REJECT_REASONS: frozenset[str] = frozenset(
-    ingest.REASONS | dedup.REASONS | clean.REASONS | {"score_missing"})
+    ingest.REASONS | dedup.REASONS | clean.REASONS | synthesize.REASONS | REQUEST_ERRORS | {"score_missing"})

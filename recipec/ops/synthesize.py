@@ -36,7 +36,7 @@ from recipec.ops.mapping import rank_types
 from recipec.ops.model_io import (ImageFolders, ask, engine_reject, fill, messages_of, read_json_artifact, reject,
                                   scores_dict, stamp, strip_images, to_table)
 
-REASONS = frozenset({"empty_output", "truncated", "untagged_image", "no_image", "over_image_cap"})
+REASONS = frozenset({"empty_output", "truncated"})  # rejects; skipped: no_image, same_image, untagged_image, over_image_cap
 
 DEFAULT_QUESTION_PROMPT = (
     "You are given an image and a target instruction type: {task}.\n"

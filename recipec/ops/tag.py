@@ -28,8 +28,6 @@ from recipec.ops.collect import concat, emit
 from recipec.ops.model_io import (ImageFolders, ask, engine_reject, fill, messages_of, stamp, strip_images, to_table,
                                   with_scores)
 
-REASONS = frozenset({"image_refused", "image_count", "image_placeholders", "prompt_too_long", "too_long"})
-
 DEFAULT_INSTRUCTION_PROMPT = (
     "Classify the instruction below by the kind of task it asks for.\n"
     "Instruction: {instruction}\n"
