@@ -97,6 +97,27 @@ def image_processor_for(vision_dir: Path | None, tile: int, pinpoints: list[list
                                            image_mean=mean, image_std=std)
 
 
+def llava_config(vision: Mapping[str, Any], language: Mapping[str, Any], architecture: Mapping[str, Any],
+                 settings: StageSettings, image_id: int, video_id: int) -> Any:
+    """The LlavaOnevisionConfig of two tower configs (dicts), as the recipe's model block and the stage say."""
+    import transformers as tf
+
+    kept = _layers_kept(int(vision["num_hidden_layers"]), int(architecture.get("vision_layer", -1)))
+    vision_dict = {**vision, "num_hidden_layers": kept, "vision_use_head": False}
+    tie = architecture.get("tie_word_embeddings")
+    if tie is None:
+        tie = bool(language.get("tie_word_embeddings", False))
+    tile = int(vision["image_size"])
+    if settings.image_size != tile:
+        raise ModelBuildError(f"stage `{settings.name}` feeds {settings.image_size}px tiles to a vision tower made for "
+                              f"{tile}px; LLaVA-OneVision tiles at the tower's size")
+    return tf.LlavaOnevisionConfig(
+        vision_config=vision_dict, text_config={**language, "tie_word_embeddings": tie}, vision_feature_layer=-1,
+        vision_feature_select_strategy="full", projector_hidden_act="gelu", multimodal_projector_bias=True,
+        image_token_index=image_id, video_token_index=video_id, image_grid_pinpoints=settings.pinpoints(tile),
+        vision_aspect_ratio=settings.aspect_ratio(), tie_word_embeddings=tie)
+
+
 def from_towers(architecture: Mapping[str, Any], settings: StageSettings, *, seed: int, models_dir: Path | None,
                 base_dir: Path | None, random_init: bool = False) -> tuple[Any, Any, Any]:
     """(model, tokenizer, image processor) of a first stage; `random_init` skips loading tower
@@ -113,26 +134,11 @@ def from_towers(architecture: Mapping[str, Any], settings: StageSettings, *, see
     vision_cfg = getattr(vision_cfg, "vision_config", None) or vision_cfg
     language_cfg = tf.AutoConfig.from_pretrained(language_dir)
     language_cfg = getattr(language_cfg, "text_config", None) or language_cfg
-    full_layers = vision_cfg.num_hidden_layers
-    kept = _layers_kept(full_layers, int(architecture.get("vision_layer", -1)))
-    vision_dict = {**vision_cfg.to_dict(), "num_hidden_layers": kept, "vision_use_head": False}
-    tie = architecture.get("tie_word_embeddings")
-    if tie is None:
-        tie = bool(getattr(language_cfg, "tie_word_embeddings", False))
-    language_dict = {**language_cfg.to_dict(), "tie_word_embeddings": tie}
-
     tokenizer = tf.AutoTokenizer.from_pretrained(language_dir)
     image_id, video_id = _media_ids(tokenizer, language_cfg.vocab_size)
-    tile = int(vision_cfg.image_size)
-    if settings.image_size != tile:
-        raise ModelBuildError(f"stage `{settings.name}` feeds {settings.image_size}px tiles to a vision tower made for "
-                              f"{tile}px; LLaVA-OneVision tiles at the tower's size")
-    pinpoints = settings.pinpoints(tile)
-    config = tf.LlavaOnevisionConfig(
-        vision_config=vision_dict, text_config=language_dict, vision_feature_layer=-1,
-        vision_feature_select_strategy="full", projector_hidden_act="gelu", multimodal_projector_bias=True,
-        image_token_index=image_id, video_token_index=video_id, image_grid_pinpoints=pinpoints,
-        vision_aspect_ratio=settings.aspect_ratio(), tie_word_embeddings=tie)
+    config = llava_config(vision_cfg.to_dict(), language_cfg.to_dict(), architecture, settings, image_id, video_id)
+    tie, tile, pinpoints = config.tie_word_embeddings, config.vision_config.image_size, config.image_grid_pinpoints
+    full_layers, kept = vision_cfg.num_hidden_layers, config.vision_config.num_hidden_layers
     torch.manual_seed(seed)
     model = tf.LlavaOnevisionForConditionalGeneration(config)
     if not random_init:
