@@ -264,3 +264,26 @@ def test_an_empty_or_missing_vocabulary_is_located(tmp_path):
     assert (diagnostic.code, diagnostic.span.line) == ("E202", 10) and "holds no tag" in diagnostic.message
     missing = compile_text(tmp_path, TAGGER.replace("VOCAB", "absent.txt"))
     assert codes(missing) == ["E402"]
+
+
+def test_seeds_of_a_synthesis_share_one_image_folder(tmp_path):
+    text = '''recipe "t" {}
+source a {
+  format = llava_jsonl
+  path = "a.jsonl"
+  images = "images/a"
+}
+source b {
+  format = llava_jsonl
+  path = "b.jsonl"
+  images = "images/b"
+}
+synthesize synthetic {
+  from = [a, b]
+  model = "tiny://llava-onevision"
+}
+'''
+    result = compile_text(tmp_path, text)
+    [diagnostic] = [d for d in result.diagnostics if d.is_error]
+    assert (diagnostic.code, diagnostic.span.line, diagnostic.span.column) == ("E204", 12, 12)
+    assert "images/a, images/b" in diagnostic.message

@@ -266,6 +266,13 @@ class Lowering:
         instruction_taggers = {n: t for n, b in self.blocks["instruction_tagger"].items() if (t := self.instruction_tagger(n, b, datasets))}
         mappings = {n: m for n, b in self.blocks["mapping"].items() if (m := self.mapping(n, b))}
         syntheses = {n: s for n, b in syntheses_names.items() if (s := self.synthesis(n, b))}
+        for name, syn in syntheses.items():
+            # synthetic records point at their seeds' images, relative to one image folder
+            folders = sorted({str(sources[s].images) for s in syn.from_sources if s in sources})
+            if len(folders) > 1:
+                self.ctx.error("E204", f"the seed sources of synthesize `{name}` keep their images in different folders "
+                               f"({', '.join(folders)})", syntheses_names[name].label_spans[0],
+                               "synthesize from sources that share one `images` folder, or write one synthesis per folder")
         filters = tuple(f for n, b in self.blocks["filter"].items() if (f := self.filter(n, b, datasets)))
         pools = {n: p for n, b in self.blocks["pool"].items() if (p := self.pool(n, b, datasets, sources))}
         stages = self.stages({**sources, **syntheses}, pools)

@@ -2,7 +2,7 @@
 
 `load_engine(model_use, workers=..., models_dir=...)` returns an engine with the interface of
 `recipec.models.engine`; the executor wraps it in the request cache. Heavy imports (torch,
-transformers, vLLM, httpx) happen here, only when a step needs a model.
+transformers, vLLM) happen here, only when a step needs a model.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def load_engine(model_use: dict[str, Any], *, workers: int, models_dir: Path | N
                               "`pip install 'recipec[vllm]'` on a machine with a GPU, or use engine = transformers") from None
         from recipec.models import vllm_engine
 
-        return vllm_engine.load(model_use, workers=workers, models_dir=models_dir)
+        return vllm_engine.load(model_use, workers=workers, models_dir=models_dir, base_dir=base_dir)
     if engine != "transformers":
         raise EngineError(f"unknown engine {engine!r} for model {ref!r}")
     from recipec.models import transformers_engine
