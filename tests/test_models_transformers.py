@@ -186,3 +186,32 @@ def test_the_request_cache_never_sends_a_finished_request_twice(tmp_path):
     other = CachedEngine(type("Other", (CountingEngine,), {"identity": "other@2"})(), RequestCache(tmp_path / "requests.sqlite"))
     other.generate(requests[:1])
     assert other.counts.sent == 1  # another model never answers from this one's cache
+
+
+def test_a_hub_id_resolves_from_the_local_hf_cache_at_its_pinned_revision(tmp_path, tiny_models, monkeypatch):
+    from recipec.models.engine import EngineError
+    from recipec.models.transformers_engine import resolve_model_dir
+
+    source = tiny.materialize("tiny://qwen2", tiny_models)
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = cache / "models--acme--tiny-chat" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in source.iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    (cache / "models--acme--tiny-chat" / "refs").mkdir()
+    (cache / "models--acme--tiny-chat" / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    path, identity = resolve_model_dir({"ref": "acme/tiny-chat"}, models_dir=None)
+    assert path == snapshot and identity == f"acme/tiny-chat@{commit}"
+    pinned, _ = resolve_model_dir({"ref": "acme/tiny-chat", "revision": commit}, models_dir=None)
+    assert pinned == snapshot
+    with pytest.raises(EngineError, match="at revision 'v2'"):
+        resolve_model_dir({"ref": "acme/tiny-chat", "revision": "v2"}, models_dir=None)
+    engine = load_engine({"ref": "acme/tiny-chat"}, workers=1)
+    [answer] = engine.generate([Generate(({"role": "user", "content": "Hello"},), (), Sampling(8, 0.0))])
+    assert isinstance(answer, Generation)

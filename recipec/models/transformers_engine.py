@@ -51,9 +51,12 @@ def resolve_model_dir(model_use: dict[str, Any], *, models_dir: Path | None, bas
     except ImportError as e:  # pragma: no cover - transformers depends on it
         raise EngineError(f"cannot look up {ref!r} in the Hugging Face cache: {e}") from e
     try:
+        # weights as safetensors, configs and tokenizer files; a model's code only when it may run
+        patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+        if model_use.get("trust_remote_code"):
+            patterns.append("*.py")
         path = Path(snapshot_download(ref, revision=model_use.get("revision"), local_files_only=True,
-                                      allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja",
-                                                      "*.py" if model_use.get("trust_remote_code") else "*.json"]))
+                                      allow_patterns=patterns))
     except Exception as e:
         pinned = f" at revision {model_use['revision']!r}" if model_use.get("revision") else ""
         raise EngineError(f"model {ref!r}{pinned} is neither a local directory nor in the Hugging Face cache "
