@@ -9,6 +9,8 @@
 --until   run this step (or stage: its export step) and what it needs; may be given several times
 --only    run this step alone; its inputs must already be in the store
 --verify  check the sha256 of every cached output before trusting it
+--strict  a stage short of its plan or empty, or a filter that drops every record it gets, is an
+          error (exit 1) instead of a warning; either way it is in report.json's `warnings`
 
 Exit codes: 0 success; 1 a step failed (its id, the message and the log's path are printed; the
 traceback of an internal error is in the log, and on stderr with --debug; the outputs of the steps
@@ -47,6 +49,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-only", action="store_true",
                         help="run every step that loads no model (ingest, filters, mixing, export)")
     parser.add_argument("--verify", action="store_true", help="check the sha256 of cached outputs before using them")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 when a stage falls short of its plan or a filter empties its input")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
 
@@ -110,11 +114,12 @@ def run(args: argparse.Namespace) -> int:
                                         args.workers or available_cores(), time.perf_counter() - started,
                                         args.data_only)
                     try:
-                        write_outputs(partial, store, out_dir, failure=Failure(failed.step_id, failed.op, failed.message))
+                        write_outputs(partial, store, out_dir, failure=Failure(failed.step_id, failed.op, failed.message),
+                                      recipe_file=args.file)
                     except (OutputError, OSError) as e:
                         logging.getLogger("recipec.run").error("the outputs of the failed run are incomplete: %s", e)
                     raise
-                write_outputs(result, store, out_dir)
+                report = write_outputs(result, store, out_dir, recipe_file=args.file)
                 logging.getLogger("recipec.run").info("run finished in %.2f s", result.seconds)
             finally:
                 progress.close()
@@ -148,6 +153,10 @@ def run(args: argparse.Namespace) -> int:
     ran = sum(not o.cached for o in result.outcomes)
     print(f"{len(result.outcomes)} step(s), {ran} run, {len(result.outcomes) - ran} cached, "
           f"in {result.seconds:.2f} s; outputs in {out_dir}")
+    for warning in report.get("warnings") or ():
+        _error(f"warning: {warning['message']}" if not args.strict else f"error (--strict): {warning['message']}")
+    if args.strict and report.get("warnings"):
+        return EXIT_STEP_FAILED
     return EXIT_OK
 
 

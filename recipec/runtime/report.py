@@ -26,6 +26,8 @@ Layout::
                                step, id, source, origin, reason, detail, record (the record as JSON
                                text, or the raw input line when it never became a record)
       report.json              what ran and what came out (below)
+      report.html              the same as one self-contained page with charts (report_html.py),
+                               rewritten only when report.json's deterministic part changes
       run.log                  the log of every run into this folder, appended (cli/run.py)
 
 `report.json` holds `recipe`, `fingerprint`, `seed`, `selection` (the run's --until/--only),
@@ -34,7 +36,10 @@ Layout::
 `records_out`, `dropped` by reason, `rejects` (the file, or null), `seconds`, `cached`), `stages`
 (per stage: `planned` and `realised` composition by source, data type and category,
 `max_image_tokens`, `trainable_params`, `outputs`, `exports` (format -> its path), `training`,
-`image_folder`, `data_path`), `stale` (stage folders left from an earlier recipe) and `run`. For
+`image_folder`, `data_path`), `stale` (stage folders left from an earlier recipe), `warnings`
+(`shortfalls`: a stage that realised fewer samples than planned, or none, and a filter that dropped
+every record it got; each with `kind`, `message` and the stage or step; `run --strict` exits 1 on
+any) and `run` (with `recipe_file`, the recipe's absolute path, for `recipec package`). For
 every step `records_in == records_out + sum(dropped.values())`. A failed run writes the report and
 the outputs of every step that finished before the failure.
 
@@ -82,6 +87,8 @@ REPORT_VERSION = 2
 RUN_SPECIFIC = ("run", "seconds", "cached", "models")
 _REJECTS_FORMAT = 1  # bump when the rejects lines change shape, so existing files are rewritten
 STALE_NOTE = "STALE.txt"
+HTML_REPORT = "report.html"
+HTML_FORMAT = 1  # bump when the page changes, so existing pages are rewritten
 log = logging.getLogger("recipec.run")
 
 
@@ -132,7 +139,7 @@ def deterministic_view(report: dict[str, Any]) -> dict[str, Any]:
 
 def reserved_names() -> set[str]:
     """Names at the top of OUT that are not stage folders."""
-    return {"rejects", "report.json", "run.log"}
+    return {"rejects", "report.json", "report.html", "run.log"}
 
 
 def image_roots(recipe: ir.Recipe) -> dict[str, str]:
@@ -146,7 +153,7 @@ def image_roots(recipe: ir.Recipe) -> dict[str, str]:
 
 
 def build_report(result: RunResult, store: Store, *, failure: Failure | None = None,
-                 stale: Sequence[dict[str, str]] = ()) -> dict[str, Any]:
+                 stale: Sequence[dict[str, str]] = (), recipe_file: str | os.PathLike | None = None) -> dict[str, Any]:
     plan = result.plan
     recipe = plan.recipe
     outcomes = {o.id: o for o in result.outcomes}
@@ -190,6 +197,9 @@ def build_report(result: RunResult, store: Store, *, failure: Failure | None = N
         status = "failed"
     else:
         status = "complete" if result.full else "partial"
+    run = {"seconds": round(result.seconds, 3), "workers": result.workers, "store": str(store.root)}
+    if recipe_file is not None:
+        run["recipe_file"] = str(Path(recipe_file).absolute())
     return {
         "report_version": REPORT_VERSION,
         "recipe": recipe.name,
@@ -201,8 +211,44 @@ def build_report(result: RunResult, store: Store, *, failure: Failure | None = N
         "steps": steps,
         "stages": stages,
         "stale": list(stale),
-        "run": {"seconds": round(result.seconds, 3), "workers": result.workers, "store": str(store.root)},
+        "warnings": shortfalls(steps, stages),
+        "run": run,
     }
+
+
+# ops that only ever remove records: one that leaves none of a non-empty input empties the data
+FILTER_OPS = frozenset({"threshold", "percentile", "dedup_exact", "dedup_phash", "clean",
+                        "judge_relevance", "judge_score"})
+
+
+def shortfalls(steps: Sequence[dict[str, Any]], stages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Loud warnings: a filter that dropped every record it got, a stage that realised fewer samples
+    than planned or none at all. `recipec run --strict` fails on any of them."""
+    found: list[dict[str, Any]] = []
+    for s in steps:
+        if s["op"] in FILTER_OPS and s["records_in"] > 0 and s["records_out"] == 0:
+            reasons = ", ".join(f"{r} {n}" for r, n in s["dropped"].items())
+            found.append({"kind": "filter_emptied", "step": s["id"],
+                          "message": f"step {s['id']} dropped all {s['records_in']} records it got ({reasons})"})
+    for st in stages:
+        realised = st["realised"]
+        if realised is None:
+            continue
+        planned = st["planned"]["total"]
+        got = realised["total"]
+        if got == 0 and (planned or 0) > 0:
+            found.append({"kind": "stage_empty", "stage": st["name"], "planned": planned, "realised": 0,
+                          "message": f"stage {st['name']} is empty: planned {planned} samples, realised none"})
+        elif planned is not None and got < planned:
+            short = {src: (n, realised.get("by_source", {}).get(src, 0))
+                     for src, n in st["planned"]["by_source"].items()
+                     if n is not None and realised.get("by_source", {}).get(src, 0) < n}
+            detail = "; ".join(f"{src} {have} of {want}" for src, (want, have) in short.items())
+            found.append({"kind": "stage_short", "stage": st["name"], "planned": planned, "realised": got,
+                          "short_sources": {src: {"planned": w, "realised": h} for src, (w, h) in short.items()},
+                          "message": f"stage {st['name']} realised {got} of {planned} planned samples"
+                                     + (f" ({detail})" if detail else "")})
+    return found
 
 
 def _composition(counts: dict[str, Any] | None, total: int) -> dict[str, Any]:
@@ -258,7 +304,7 @@ def _export_settings(result: RunResult, step_id: str) -> dict[str, Any]:
 
 
 def write_outputs(result: RunResult, store: Store, out_dir: str | os.PathLike, *,
-                  failure: Failure | None = None) -> dict[str, Any]:
+                  failure: Failure | None = None, recipe_file: str | os.PathLike | None = None) -> dict[str, Any]:
     """Fill OUT from the store; returns the report. Call it while holding the store's lock.
 
     With `failure`, `result` holds the steps that finished before it: their outputs are written,
@@ -310,6 +356,7 @@ def write_outputs(result: RunResult, store: Store, out_dir: str | os.PathLike, *
             index.put(rel, token, lambda tmp, o=o: _write_rejects(store, o.key, o.manifest, tmp))
             produced.add(rel)
 
+    produced.add(HTML_REPORT)  # written below, once the report is known
     stale = [] if full else _mark_stale(index, plan, exported, produced, covered_files)
     index.stages.update(exported)
 
@@ -324,8 +371,22 @@ def write_outputs(result: RunResult, store: Store, out_dir: str | os.PathLike, *
     if full:
         index.stages = {s: f for s, f in index.stages.items() if s in exported}
 
-    report = build_report(result, store, failure=failure, stale=stale)
+    report = build_report(result, store, failure=failure, stale=stale, recipe_file=recipe_file)
     atomic_write(out / "report.json", (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    # the page is a function of the report's deterministic part and of the stored steps it names:
+    # rewritten only when they change, so a no-op re-run does not pay for the charts
+    view = deterministic_view(report)
+    token = f"html:{HTML_FORMAT}:{hashlib.sha256(canonical(view).encode('utf-8')).hexdigest()}"
+
+    def _html(tmp: Path) -> None:
+        from recipec.runtime.report_html import render_page  # plotly is imported only here
+
+        tmp.write_bytes(render_page(view, result, store))
+
+    try:
+        index.put(HTML_REPORT, token, _html)
+    except Exception as e:  # noqa: BLE001 - the page is a view of report.json: never fail the run for it
+        log.error("report.html could not be written: %s", e, exc_info=True)
     index.save()
     return report
 
