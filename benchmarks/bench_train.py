@@ -158,13 +158,16 @@ def gpu(args: argparse.Namespace) -> None:
     from recipec.train.settings import StageSettings
     from recipec.train.trainer import _loss_module, _optimizer, _tiles
 
-    if not torch.cuda.is_available():
-        sys.exit("--gpu needs a CUDA device")
-    device = torch.device("cuda")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--gpu needs a CUDA device (or --device cpu --model tiny to try the code)")
     torch.backends.cuda.matmul.allow_tf32 = True
-    vision = resolve_config("google/siglip-so400m-patch14-384").config.get("vision_config")
-    language = resolve_config("Qwen/Qwen2.5-1.5B-Instruct").config
-    stage = {**STAGE, "image_size": 384, "grid": [2, 2], "max_tiles": 4, "lr": 1e-5, "micro_batch": args.micro,
+    if args.model == "tiny":
+        vision, language, tile = resolve_config("tiny://siglip").config, resolve_config("tiny://qwen2").config, 32
+    else:
+        vision = resolve_config("google/siglip-so400m-patch14-384").config.get("vision_config")
+        language, tile = resolve_config("Qwen/Qwen2.5-1.5B-Instruct").config, 384
+    stage = {**STAGE, "image_size": tile, "grid": [2, 2], "max_tiles": 4, "lr": 1e-5, "micro_batch": args.micro,
              "batch": args.micro, "max_length": 8192, "gradient_checkpointing": args.checkpointing}
     settings = StageSettings.from_params(stage)
     architecture = {"vision_layer": -2, "projector": "mlp2x_gelu", "tie_word_embeddings": None}
@@ -177,13 +180,13 @@ def gpu(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     with torch.device(device):
         model = tf.LlavaOnevisionForConditionalGeneration(config)
-    model.config.image_grid_pinpoints = settings.pinpoints(384)
+    model.config.image_grid_pinpoints = settings.pinpoints(tile)
     model.config.vision_aspect_ratio = settings.aspect_ratio()
     freeze(model, settings.train)
     if args.checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    wrapper = _loss_module(model, 384, dummy_vision=False)
+    wrapper = _loss_module(model, tile, dummy_vision=False)
     optimizer, _, _ = _optimizer(model, settings)
     costs = Costs.of(model, settings.train)
 
@@ -196,9 +199,9 @@ def gpu(args: argparse.Namespace) -> None:
         def convert_ids_to_tokens(self, _):
             return "<image>"
 
-    counter = LlavaOnevisionImages(image_processor_for(None, 384, settings.pinpoints(384)), model.config, _Names(),
+    counter = LlavaOnevisionImages(image_processor_for(None, tile, settings.pinpoints(tile)), model.config, _Names(),
                                    settings.tiles())
-    image_tokens = counter.tokens_for(768, 768)
+    image_tokens = counter.tokens_for(2 * tile, 2 * tile)
     text = args.text_tokens
     length = image_tokens + text
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -207,34 +210,37 @@ def gpu(args: argparse.Namespace) -> None:
     labels = ids.clone()
     labels[:, :8 + image_tokens + text // 4] = -100  # the answer: the last three quarters of the text
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
-             "pixel_values": torch.randn(args.micro, 5, 3, 384, 384, generator=g),
-             "image_sizes": torch.tensor([[768, 768]] * args.micro), "batch_num_images": torch.ones(args.micro, dtype=torch.long)}
+             "pixel_values": torch.randn(args.micro, 5, 3, tile, tile, generator=g),
+             "image_sizes": torch.tensor([[2 * tile, 2 * tile]] * args.micro), "batch_num_images": torch.ones(args.micro, dtype=torch.long)}
     batch = {k: v.to(device) for k, v in batch.items()}
     label_tokens = int((labels[:, 1:] != -100).sum())
     flops = costs.micro_batch(_tiles(batch, model.config), [length] * args.micro, label_tokens)
     peak = peak_flops(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for step in range(args.steps):
-        torch.cuda.synchronize()
+        sync()
         began = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             ce, _ = wrapper(batch)
         (ce / label_tokens).backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - began)
-        print(f"  step {step + 1}: {times[-1]:.3f} s, loss {float(ce) / label_tokens:.3f}", flush=True)
+        print(f"  step {step + 1}: {times[-1]:.3f} s, loss {float(ce.detach()) / label_tokens:.3f}", flush=True)
     measured = times[args.warmup:]
     seconds = sum(measured) / len(measured)
     params = sum(p.numel() for p in model.parameters())
-    print(f"gpu: {torch.cuda.get_device_name(device)}, Aquila-VL-2B architecture ({params / 1e9:.2f}B parameters), "
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"gpu: {name}, {'Aquila-VL-2B' if args.model == 'aquila' else 'tiny'} architecture ({params / 1e6:,.1f}M parameters), "
           f"micro batch {args.micro} x {length} tokens ({image_tokens} image), gradient checkpointing "
           f"{'on' if args.checkpointing else 'off'}")
     print(f"  {args.micro * length / seconds:,.0f} tokens/s, {flops / seconds / 1e12:.1f} model TFLOP/s, "
           f"MFU {flops / seconds / peak:.1%}" if peak else "  (peak FLOPs of this GPU unknown: set RECIPEC_PEAK_TFLOPS)")
-    print(f"  peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+    if device.type == "cuda":
+        print(f"  peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
 
 
 def main() -> None:
@@ -247,6 +253,8 @@ def main() -> None:
     parser.add_argument("--text-tokens", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--device", default="cuda", help="for --gpu (cpu with --model tiny checks the code)")
+    parser.add_argument("--model", choices=("aquila", "tiny"), default="aquila", help="for --gpu")
     args = parser.parse_args()
     if args.gpu:
         args.micro = args.micro or 4
