@@ -9,6 +9,7 @@
 --until   run this step (or stage: its export step) and what it needs; may be given several times
 --only    run this step alone; its inputs must already be in the store
 --verify  check the sha256 of every cached output before trusting it
+--locked  refuse to start (exit 2) when anything FILE.lock pins drifted, naming each file
 --strict  a stage short of its plan or empty, or a filter that drops every record it gets, is an
           error (exit 1) instead of a warning; either way it is in report.json's `warnings`
 
@@ -49,6 +50,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-only", action="store_true",
                         help="run every step that loads no model (ingest, filters, mixing, export)")
     parser.add_argument("--verify", action="store_true", help="check the sha256 of cached outputs before using them")
+    parser.add_argument("--locked", action="store_true",
+                        help="refuse to run when a source, model or included file differs from FILE.lock")
     parser.add_argument("--strict", action="store_true",
                         help="exit 1 when a stage falls short of its plan or a filter empties its input")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
@@ -89,6 +92,19 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     plan = build_plan(recipe)
     store = Store(args.store or os.environ.get("RECIPEC_STORE") or DEFAULT_STORE)
+    if args.locked:
+        from recipec.lockfile import drift, lock_path
+
+        try:
+            drifted = drift(recipe, args.file, compiled.chain, store)
+        except OSError as e:
+            drifted = [f"{e.strerror or e}: {e.filename}"]
+        if drifted:
+            _error(f"--locked: what the recipe reads differs from {lock_path(args.file)}:")
+            for line in drifted:
+                print(f"  {line}", file=sys.stderr)
+            print(f"  (run `recipec lock {args.file}` to accept the change)", file=sys.stderr)
+            return EXIT_ERROR
     out_dir = Path(args.out) if args.out else Path("out") / recipe.name
     log_path = out_dir / "run.log"
 
