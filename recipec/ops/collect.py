@@ -26,9 +26,133 @@ from recipec.ops.base import Chunk, Reject, StepContext
 CHUNK_ROWS = 65_536  # records per output shard
 
 
-def run(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
-    table = concat(inputs)
-    yield from emit(table, consumed=table.num_rows)
+def run(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
+    out = Rebatcher()
+    for batch in Records(inputs).batches():
+        yield from out.add(batch, consumed=batch.num_rows)
+    yield from out.finish()
+
+
+run.streams = True  # type: ignore[attr-defined]
+
+
+# ---- streaming ----------------------------------------------------------------------------------
+
+
+class Records:
+    """The records of an op's inputs, in order, read a batch at a time.
+
+    An input is a `pa.Table` or anything with `num_rows` and `batches(columns)` (the executor's
+    `store.StoredTable`), so the streaming ops run the same on tables in tests and on stored steps
+    that do not fit in memory. Batches are conformed to `records.SCHEMA` (for the columns asked).
+    """
+
+    def __init__(self, inputs: Sequence[Any]):
+        self.inputs = list(inputs)
+        self.num_rows = sum(int(t.num_rows) for t in self.inputs)
+
+    def batches(self, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
+        for part in self.inputs:
+            if isinstance(part, pa.Table):
+                pieces = (part.slice(a, CHUNK_ROWS) for a in range(0, part.num_rows, CHUNK_ROWS))
+                selected = (p.select([c for c in columns if c in p.column_names]) if columns is not None else p
+                            for p in pieces)
+            else:
+                selected = part.batches(columns)
+            for batch in selected:
+                if batch.num_rows:
+                    yield conform(batch, columns)
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """One column of every record (compact columns only: ids, sources, a score)."""
+        chunks = [c for b in self.batches([name]) for c in b.column(name).chunks]
+        return pa.chunked_array(chunks, type=records.SCHEMA.field(name).type)
+
+    def table(self) -> pa.Table:
+        return concat([t if isinstance(t, pa.Table) else t.read() for t in self.inputs])
+
+
+class RowIds:
+    """The ids of some rows of `Records`, read from the id column only when asked (ties at a cut)."""
+
+    def __init__(self, recs: Records, rows: np.ndarray):
+        self.recs = recs
+        self.rows = np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, indices: pa.Array) -> pa.Array:
+        wanted = self.rows[np.asarray(indices.to_numpy(zero_copy_only=False), dtype=np.int64)]
+        order = np.argsort(wanted, kind="stable")
+        found = ids_at(self.recs, wanted[order])
+        values = [None] * len(wanted)
+        for i, row in zip(order.tolist(), wanted[order].tolist()):
+            values[i] = found[row]
+        return pa.array(values, pa.string())
+
+
+def ids_at(recs: Records, rows: np.ndarray) -> dict[int, str]:
+    """The ids of some rows (sorted, numbered across the inputs), reading only the id column."""
+    found: dict[int, str] = {}
+    start = 0
+    for batch in recs.batches(["id"]):
+        m = batch.num_rows
+        lo, hi = np.searchsorted(rows, [start, start + m])
+        if hi > lo:
+            local = rows[lo:hi] - start
+            for row, value in zip(rows[lo:hi].tolist(), batch.column("id").take(pa.array(local)).to_pylist()):
+                found[row] = value
+        start += m
+    return found
+
+
+class Rebatcher:
+    """Cuts a stream of record tables into output chunks of exactly CHUNK_ROWS rows (the last one
+    shorter), so a step's shards depend only on its output records, never on how they were read.
+    Counts, rejects, skips and files ride on the chunk that is emitted next."""
+
+    def __init__(self, rows: int = CHUNK_ROWS):
+        self.rows = rows
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.consumed = 0
+        self.rejects: list[Reject] = []
+        self.skipped: dict[str, int] = {}
+        self.files: dict[str, bytes] = {}
+        self.emitted = False
+
+    def add(self, table: pa.Table | None, *, consumed: int = 0, rejects: Sequence[Reject] = (),
+            skipped: dict[str, int] | None = None, files: dict[str, bytes] | None = None) -> Iterator[Chunk]:
+        self.consumed += consumed
+        self.rejects.extend(rejects)
+        for k, v in (skipped or {}).items():
+            if v:
+                self.skipped[k] = self.skipped.get(k, 0) + v
+        self.files.update(files or {})
+        if table is not None and table.num_rows:
+            self.pending.append(table)
+            self.pending_rows += table.num_rows
+        while self.pending_rows >= self.rows:
+            whole = pa.concat_tables(self.pending) if len(self.pending) > 1 else self.pending[0]
+            yield self._chunk(whole.slice(0, self.rows))
+            rest = whole.slice(self.rows)
+            self.pending = [rest] if rest.num_rows else []
+            self.pending_rows = rest.num_rows
+
+    def finish(self) -> Iterator[Chunk]:
+        if self.pending_rows or not self.emitted or self.consumed or self.rejects or self.skipped or self.files:
+            whole = (pa.concat_tables(self.pending) if len(self.pending) > 1 else self.pending[0]) if self.pending \
+                else records.empty_table()
+            self.pending, self.pending_rows = [], 0
+            yield self._chunk(whole)
+
+    def _chunk(self, table: pa.Table) -> Chunk:
+        chunk = Chunk(records=table.combine_chunks(), rejects=self.rejects, consumed=self.consumed,
+                      skipped=self.skipped, files=self.files)
+        self.rejects, self.consumed, self.skipped, self.files = [], 0, {}, {}
+        self.emitted = True
+        return chunk
 
 
 # ---- tables -------------------------------------------------------------------------------------
@@ -42,13 +166,15 @@ def concat(inputs: Sequence[pa.Table]) -> pa.Table:
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 
-def conform(table: pa.Table) -> pa.Table:
-    if table.schema.equals(records.SCHEMA):
+def conform(table: pa.Table, columns: Sequence[str] | None = None) -> pa.Table:
+    """`table` in `records.SCHEMA` (or in its `columns`, in that order), older tables filled in."""
+    schema = records.SCHEMA if columns is None else pa.schema([records.SCHEMA.field(c) for c in columns])
+    if table.schema.equals(schema):
         return table
     for name in records.NULLABLE_ADDED:
-        if name not in table.column_names:
+        if name in schema.names and name not in table.column_names:
             table = table.append_column(records.SCHEMA.field(name), pa.nulls(table.num_rows, records.SCHEMA.field(name).type))
-    return table.select(records.SCHEMA.names).cast(records.SCHEMA)
+    return table.select(schema.names).cast(schema)
 
 
 def emit(table: pa.Table | None, *, consumed: int, rejects: Sequence[Reject] = (),
@@ -140,14 +266,29 @@ def rejects_for(table: pa.Table, dropped: dict[int, tuple[str, str]]) -> list[Re
     return result
 
 
-def judge(ctx: StepContext, table: pa.Table, judged: np.ndarray,
+def judge(ctx: StepContext, table: "pa.Table | Records", judged: np.ndarray,
           dropped: dict[int, tuple[str, str]]) -> Iterator[Chunk]:
-    """Keep every row not in `dropped`; stamp the judged survivors with this step; reject the others."""
-    keep = np.ones(table.num_rows, dtype=bool)
-    if dropped:
-        keep[np.fromiter(dropped, dtype=np.int64, count=len(dropped))] = False
-    kept = add_provenance(table, ctx.step_id, judged & keep).filter(pa.array(keep))
-    yield from emit(kept, consumed=table.num_rows, rejects=rejects_for(table, dropped))
+    """Keep every row not in `dropped`; stamp the judged survivors with this step; reject the others.
+
+    `table` is a table or the op's `Records`, read again batch by batch: rows are numbered across
+    the whole input, and only one batch is in memory at a time.
+    """
+    recs = table if isinstance(table, Records) else Records([table])
+    out = Rebatcher()
+    rows = np.fromiter(sorted(dropped), dtype=np.int64, count=len(dropped))
+    start = 0
+    for batch in recs.batches():
+        n = batch.num_rows
+        lo, hi = np.searchsorted(rows, [start, start + n])
+        local = {int(r) - start: dropped[int(r)] for r in rows[lo:hi]}
+        keep = np.ones(n, dtype=bool)
+        if local:
+            keep[rows[lo:hi] - start] = False
+        kept = add_provenance(batch, ctx.step_id, judged[start:start + n] & keep)
+        kept = kept.filter(pa.array(keep)) if local else kept
+        yield from out.add(kept, consumed=n, rejects=rejects_for(batch, local))
+        start += n
+    yield from out.finish()
 
 
 # ---- ranking ------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 
 from recipec import ir
 from recipec.ops.base import Chunk, OperationError, StepContext
-from recipec.ops.collect import concat, judge, smallest, source_mask
+from recipec.ops.collect import Records, RowIds, judge, smallest, source_mask
 
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq, "!=": operator.ne}
 
@@ -42,33 +42,40 @@ def scores_of(table: pa.Table, field: str) -> np.ndarray:
     return np.asarray(pc.fill_null(found.cast(pa.float64()), math.nan).to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
-def _prepare(ctx: StepContext, inputs: list[pa.Table]):
-    table = concat(inputs)
+def _prepare(ctx: StepContext, inputs: list[Any]):
+    """One pass over the sources and the score: a bool and a float per record, nothing more."""
+    recs = Records(inputs)
     condition = ir.Condition.model_validate(ctx.params["condition"])
-    judged = source_mask(table, ctx.params.get("on"))
-    values = scores_of(table, condition.field)
+    judged = np.zeros(recs.num_rows, dtype=bool)
+    values = np.zeros(recs.num_rows, dtype=np.float64)
+    start = 0
+    for batch in recs.batches(["source", "scores"]):
+        m = batch.num_rows
+        judged[start:start + m] = source_mask(batch, ctx.params.get("on"))
+        values[start:start + m] = scores_of(batch, condition.field)
+        start += m
     missing = judged & np.isnan(values)
     reason = ("score_missing", f"no `{condition.field}` score to judge")
     dropped = {row: reason for row in np.flatnonzero(missing).tolist()}
-    return table, condition, judged, values, dropped
+    return recs, condition, judged, values, dropped
 
 
-def run_threshold(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
-    table, c, judged, values, dropped = _prepare(ctx, inputs)
+def run_threshold(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
+    recs, c, judged, values, dropped = _prepare(ctx, inputs)
     if c.op not in OPS:
         raise OperationError(f"a threshold compares with {', '.join(OPS)}, not `{c.op}`")
     present = judged & ~np.isnan(values)
-    holds = np.zeros(table.num_rows, dtype=bool)
+    holds = np.zeros(recs.num_rows, dtype=bool)
     holds[present] = OPS[c.op](values[present], c.value)
     failing = present & (~holds if c.verb == "keep" else holds)
     for row in np.flatnonzero(failing).tolist():
         verdict = "is not" if c.verb == "keep" else "is"
         dropped[row] = (f"threshold_{c.field}", f"{c.field} = {values[row]:g} {verdict} {c.op} {c.value:g}")
-    yield from judge(ctx, table, judged, dropped)
+    yield from judge(ctx, recs, judged, dropped)
 
 
-def run_percentile(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
-    table, c, judged, values, dropped = _prepare(ctx, inputs)
+def run_percentile(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
+    recs, c, judged, values, dropped = _prepare(ctx, inputs)
     if c.op not in ("top", "bottom"):
         raise OperationError(f"a percentile cut takes `top` or `bottom`, not `{c.op}`")
     if not 0.0 <= c.value <= 1.0:
@@ -76,8 +83,7 @@ def run_percentile(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
     rows = np.flatnonzero(judged & ~np.isnan(values))
     k = cut_size(c.value, len(rows))
     ranked = -values[rows] if c.op == "top" else values[rows]
-    ids = table.column("id").take(pa.array(rows, pa.int64()))
-    chosen = smallest(ranked, k, ids)
+    chosen = smallest(ranked, k, RowIds(recs, rows))
     cut = values[rows][chosen].min() if c.op == "top" and k else values[rows][chosen].max() if k else math.nan
     out = rows[chosen] if c.verb == "drop" else rows[~chosen]
     where = f"{c.op} {c.value * 100:g}%"
@@ -85,7 +91,11 @@ def run_percentile(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
         inside = "in" if c.verb == "drop" else "not in"
         dropped[int(row)] = (f"percentile_{c.field}", f"{c.field} = {values[row]:g} is {inside} the {where} "
                                                      f"(cut at {cut:g}, {k} of {len(rows)})")
-    yield from judge(ctx, table, judged, dropped)
+    yield from judge(ctx, recs, judged, dropped)
+
+
+run_threshold.streams = True  # type: ignore[attr-defined]
+run_percentile.streams = True  # type: ignore[attr-defined]
 
 
 def cut_size(fraction: float, n: int) -> int:

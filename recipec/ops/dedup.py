@@ -47,6 +47,7 @@ dedup_phash (params `max_distance`, `keep`, `prefer_sources`, `on`, `roots`)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -63,7 +64,7 @@ from recipec.ops import hamming
 from recipec.ops import images as imaging
 from recipec.ops import phash as phashing
 from recipec.ops.base import Chunk, OperationError, StepContext
-from recipec.ops.collect import concat, judge, source_mask
+from recipec.ops.collect import Records, ids_at, judge, source_mask
 
 REASONS = frozenset({"exact_duplicate", "near_duplicate", *imaging.REASONS})
 KEEP_RULES = ("best", "largest", "first")
@@ -86,34 +87,62 @@ def _preferred_why(winner_source: str, loser_source: str, prefer: Sequence[str] 
 # ---- exact --------------------------------------------------------------------------------------
 
 
-def run_exact(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
-    table = concat(inputs)
+def run_exact(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
+    recs = Records(inputs)
     by = tuple(ctx.params.get("by") or ("image", "text"))
     unknown = set(by) - {"image", "text"}
     if unknown:
         raise OperationError(f"dedup exact compares `image` and `text`, not {', '.join(sorted(unknown))}")
     prefer = ctx.params.get("prefer_sources") or ()
-    judged = source_mask(table, ctx.params.get("on"))
-    rows = np.flatnonzero(judged)
-    ids = table.column("id").to_pylist()
-    sources = table.column("source").to_pylist()
-    images = table.column("images").to_pylist() if "image" in by else None
-    turns = table.column("conversations").to_pylist() if "text" in by else None
-    if prefer:  # the preferred source's copy first, then input order (a stable sort)
-        rank = source_preference([sources[r] for r in rows.tolist()], prefer)
-        rows = rows[np.argsort(rank, kind="stable")]
-    kept: dict[bytes, int] = {}
-    dropped: dict[int, tuple[str, str]] = {}
+    on = ctx.params.get("on")
+    # Pass 1: a 16-byte key per judged record and its source; nothing else is kept.
+    n = recs.num_rows
+    judged = np.zeros(n, dtype=bool)
+    keys = np.zeros((n, 2), dtype=np.uint64)
+    has_key = np.zeros(n, dtype=bool)
+    source_codes = np.zeros(n, dtype=np.int32)
+    source_names: dict[str, int] = {}
+    columns = ["source", *(["images"] if "image" in by else []), *(["conversations"] if "text" in by else [])]
+    start = 0
+    for batch in recs.batches(columns):
+        m = batch.num_rows
+        mask = source_mask(batch, on)
+        judged[start:start + m] = mask
+        sources = batch.column("source").to_pylist()
+        source_codes[start:start + m] = [source_names.setdefault(x, len(source_names)) for x in sources]
+        images = batch.column("images").to_pylist() if "image" in by else None
+        turns = batch.column("conversations").to_pylist() if "text" in by else None
+        for i in np.flatnonzero(mask).tolist():
+            key = _exact_key(images[i] if images is not None else None, turns[i] if turns is not None else None)
+            if key is not None:
+                keys[start + i] = np.frombuffer(key[:16], dtype=np.uint64)
+                has_key[start + i] = True
+        start += m
+    rows = np.flatnonzero(has_key)
+    names = list(source_names)
+    # Same key: the copy kept is the preferred source's, then the first in input order.
+    rank = source_preference(names, prefer)[source_codes[rows]] if prefer else np.zeros(len(rows), dtype=np.int64)
+    order = np.lexsort((rows, rank, keys[rows, 1], keys[rows, 0]))
+    sorted_rows = rows[order]
+    sorted_keys = keys[sorted_rows]
+    del keys
+    first = np.ones(len(sorted_rows), dtype=bool)
+    if len(sorted_rows) > 1:
+        first[1:] = np.any(sorted_keys[1:] != sorted_keys[:-1], axis=1)
+    del sorted_keys
+    winner = sorted_rows[np.maximum.accumulate(np.where(first, np.arange(len(sorted_rows)), 0))]
+    losers = np.flatnonzero(~first)
+    ids = ids_at(recs, np.unique(winner[losers]))
     what = " and ".join(by)
-    for row in rows.tolist():
-        key = _exact_key(images[row] if images is not None else None, turns[row] if turns is not None else None)
-        if key is None:
-            continue
-        first = kept.setdefault(key, row)
-        if first != row:
-            why = _preferred_why(sources[first], sources[row], prefer) or "earlier in input order"
-            dropped[row] = ("exact_duplicate", f"same {what} as {ids[first]} ({why})")
-    yield from judge(ctx, table, judged, dropped)
+    dropped: dict[int, tuple[str, str]] = {}
+    for k in losers.tolist():
+        row, kept = int(sorted_rows[k]), int(winner[k])
+        why = _preferred_why(names[source_codes[kept]], names[source_codes[row]], prefer) or "earlier in input order"
+        dropped[row] = ("exact_duplicate", f"same {what} as {ids[kept]} ({why})")
+    yield from judge(ctx, recs, judged, dropped)
+
+
+run_exact.streams = True  # type: ignore[attr-defined]
 
 
 def _exact_key(images: list[dict[str, Any]] | None, turns: list[dict[str, str]] | None) -> bytes | None:
@@ -134,8 +163,8 @@ def _exact_key(images: list[dict[str, Any]] | None, turns: list[dict[str, str]] 
 # ---- pHash --------------------------------------------------------------------------------------
 
 
-def run_phash(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
-    table = concat(inputs)
+def run_phash(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
+    recs = Records(inputs)
     params = ctx.params
     max_distance = int(params.get("max_distance", 4))
     keep = params.get("keep", "best")
@@ -143,57 +172,113 @@ def run_phash(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
         raise OperationError(f"dedup phash keeps the `best`, `largest` or `first` copy, not {keep!r}")
     prefer = params.get("prefer_sources") or ()
     roots: dict[str, str | None] = params.get("roots") or {}
-    judged = source_mask(table, params.get("on"))
-    n_images = pc.list_value_length(table.column("images")).to_numpy(zero_copy_only=False)
-    rows = np.flatnonzero(judged & (np.nan_to_num(n_images.astype(float)) > 0))
-
-    sources = table.column("source").to_pylist()
-    firsts = pc.list_element(table.column("images").take(pa.array(rows, pa.int64())), 0).to_pylist() if len(rows) else []
+    on = params.get("on")
+    workers = max(1, ctx.workers)
+    # Pass 1, batch by batch: the first image of each judged record, hashed; kept per record are
+    # only its row, hash, size and source.
+    n = recs.num_rows
+    judged = np.zeros(n, dtype=bool)
     dropped: dict[int, tuple[str, str]] = {}
-    paths: list[str] = []
-    hashed_rows: list[int] = []
-    sizes: list[tuple[int, int]] = []
-    for row, image in zip(rows.tolist(), firsts):
-        source = sources[row]
-        if source not in roots or roots[source] is None:
-            raise OperationError(f"dedup phash: no image folder is known for source `{source}` "
-                                 "(the plan must give `roots` for every source with images)")
-        root = Path(roots[source])
-        root = root if root.is_absolute() else Path(ctx.recipe_dir) / root
-        try:
-            path = imaging.resolve_inside(root, image["path"])
-        except imaging.ImageReject as e:
-            dropped[row] = (e.reason, e.detail)
-            continue
-        paths.append(str(path))
-        hashed_rows.append(row)
-        sizes.append((int(image["width"]), int(image["height"])))
-
-    hashes, errors = phashing.phash_files_checked(paths, workers=max(1, ctx.workers))
-    ok = np.array([e is None for e in errors], dtype=bool)
-    for row, path, error in zip(hashed_rows, paths, errors):
-        if error is not None:
-            reason = "image_missing" if not Path(path).exists() else "image_corrupt"
-            dropped[row] = (reason, f"cannot hash {path!r} any more: {error}")
-    keep_at = np.flatnonzero(ok)
-    candidates = np.asarray(hashed_rows, dtype=np.int64)[keep_at]
-    hashes = np.asarray(hashes, dtype=np.uint64)[ok]
+    rows_parts, hash_parts, size_parts, source_parts = [], [], [], []
+    source_names: dict[str, int] = {}
+    start = 0
+    with contextlib.ExitStack() as stack:
+        pool = None
+        for batch in recs.batches(["source", "images"]):
+            m = batch.num_rows
+            mask = source_mask(batch, on)
+            judged[start:start + m] = mask
+            batch_rows, paths, sizes, codes = _first_images(batch, mask, roots, Path(ctx.recipe_dir), start, dropped,
+                                                            source_names)
+            if workers > 1 and len(paths) > 256 and pool is None:
+                pool = stack.enter_context(phashing.hashing_pool(workers))
+            hashes, errors = phashing.phash_files_checked(paths, workers=workers, pool=pool)
+            ok = np.array([e is None for e in errors], dtype=bool)
+            for row, path, error in zip(batch_rows, paths, errors):
+                if error is not None:
+                    reason = "image_missing" if not Path(path).exists() else "image_corrupt"
+                    dropped[row] = (reason, f"cannot hash {path!r} any more: {error}")
+            rows_parts.append(np.asarray(batch_rows, dtype=np.int64)[ok])
+            hash_parts.append(np.asarray(hashes, dtype=np.uint64)[ok])
+            size_parts.append(np.asarray(sizes, dtype=np.int64).reshape(-1, 2)[ok])
+            source_parts.append(np.asarray(codes, dtype=np.int32)[ok])
+            start += m
+    candidates = np.concatenate(rows_parts) if rows_parts else np.zeros(0, dtype=np.int64)
+    hashes = np.concatenate(hash_parts) if hash_parts else np.zeros(0, dtype=np.uint64)
+    sizes = np.concatenate(size_parts) if size_parts else np.zeros((0, 2), dtype=np.int64)
+    codes = np.concatenate(source_parts) if source_parts else np.zeros(0, dtype=np.int32)
+    names = list(source_names)
     pairs = hamming.radius_pairs(hashes, max_distance) if len(hashes) > 1 else np.zeros((0, 2), dtype=np.int64)
     if len(pairs):
         involved = np.unique(pairs)  # only these need ranking (and their files' metadata)
-        copies = [Copy.of(sizes[int(keep_at[i])], paths[int(keep_at[i])] if keep == "best" else None,
-                          sources[int(candidates[i])], int(candidates[i])) for i in involved.tolist()]
+        paths = _paths_at(recs, candidates[involved], roots, Path(ctx.recipe_dir)) if keep == "best" else {}
+        copies = [Copy.of((int(sizes[i, 0]), int(sizes[i, 1])), paths.get(int(candidates[i])),
+                          names[codes[i]], int(candidates[i])) for i in involved.tolist()]
         if keep == "best":
-            _read_fidelity(copies, workers=max(1, ctx.workers))
+            _read_fidelity(copies, workers=workers)
         rank = np.full(len(hashes), len(hashes), dtype=np.int64)  # not involved: never compared
         rank[involved] = ranking(copies, keep, prefer)
         by_index = dict(zip(involved.tolist(), copies))
-        ids = table.column("id")
-        for loser, winner, distance in near_duplicates(hashes, max_distance, rank=rank, pairs=pairs):
+        found = near_duplicates(hashes, max_distance, rank=rank, pairs=pairs)
+        ids = ids_at(recs, np.unique(np.array([candidates[w] for _, w, _ in found], dtype=np.int64)))
+        for loser, winner, distance in found:
             why = by_index[winner].why(by_index[loser], keep, prefer)
             dropped[int(candidates[loser])] = (
-                "near_duplicate", f"kept {ids[int(candidates[winner])].as_py()} (distance {distance}): {why}")
-    yield from judge(ctx, table, judged, dropped)
+                "near_duplicate", f"kept {ids[int(candidates[winner])]} (distance {distance}): {why}")
+    yield from judge(ctx, recs, judged, dropped)
+
+
+run_phash.streams = True  # type: ignore[attr-defined]
+
+
+def _root_of(source: str, roots: dict[str, str | None], recipe_dir: Path) -> Path:
+    if source not in roots or roots[source] is None:
+        raise OperationError(f"dedup phash: no image folder is known for source `{source}` "
+                             "(the plan must give `roots` for every source with images)")
+    root = Path(roots[source])
+    return root if root.is_absolute() else recipe_dir / root
+
+
+def _first_images(batch: pa.Table, mask: np.ndarray, roots: dict[str, str | None], recipe_dir: Path, start: int,
+                  dropped: dict[int, tuple[str, str]], source_names: dict[str, int]):
+    """Rows (numbered from `start`), resolved paths, sizes and source codes of the batch's first images."""
+    n_images = pc.list_value_length(batch.column("images")).to_numpy(zero_copy_only=False)
+    local = np.flatnonzero(mask & (np.nan_to_num(n_images.astype(float)) > 0))
+    rows, paths, sizes, codes = [], [], [], []
+    if not len(local):
+        return rows, paths, sizes, codes
+    sources = batch.column("source").take(pa.array(local, pa.int64())).to_pylist()
+    firsts = pc.list_element(batch.column("images").take(pa.array(local, pa.int64())), 0).to_pylist()
+    for i, source, image in zip(local.tolist(), sources, firsts):
+        root = _root_of(source, roots, recipe_dir)
+        try:
+            path = imaging.resolve_inside(root, image["path"])
+        except imaging.ImageReject as e:
+            dropped[start + i] = (e.reason, e.detail)
+            continue
+        rows.append(start + i)
+        paths.append(str(path))
+        sizes.append((int(image["width"]), int(image["height"])))
+        codes.append(source_names.setdefault(source, len(source_names)))
+    return rows, paths, sizes, codes
+
+
+def _paths_at(recs: Records, rows: np.ndarray, roots: dict[str, str | None], recipe_dir: Path) -> dict[int, str]:
+    """The resolved first-image paths of some rows (sorted), read again from the inputs."""
+    rows = np.sort(rows)
+    found: dict[int, str] = {}
+    start = 0
+    for batch in recs.batches(["source", "images"]):
+        m = batch.num_rows
+        lo, hi = np.searchsorted(rows, [start, start + m])
+        if hi > lo:
+            local = pa.array(rows[lo:hi] - start)
+            sources = batch.column("source").take(local).to_pylist()
+            firsts = pc.list_element(batch.column("images").take(local), 0).to_pylist()
+            for row, source, image in zip(rows[lo:hi].tolist(), sources, firsts):
+                found[row] = str(imaging.resolve_inside(_root_of(source, roots, recipe_dir), image["path"]))
+        start += m
+    return found
 
 
 # ---- which copy is the best ---------------------------------------------------------------------

@@ -66,7 +66,7 @@ import pyarrow.parquet as pq
 from recipec import records
 from recipec.ops import images as imaging
 from recipec.ops.base import Chunk, OperationError, StepContext
-from recipec.ops.collect import concat, emit
+from recipec.ops.collect import Rebatcher, Records, emit
 from recipec.ops.export_layout import IMAGE_LIST, format_image_list
 
 FORMATS = ("llava", "hf_dataset", "parquet", "messages")
@@ -81,8 +81,8 @@ LLAVA_FIELDS = ("id", "source_id", "source", "category", "data_type", "conversat
 _IMAGE_TOKEN = re.compile(re.escape(records.IMAGE_TOKEN))
 
 
-def run(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
-    table = concat(inputs)
+def run(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
+    recs = Records(inputs)
     params = ctx.params
     settings = params.get("export") or {}
     formats = tuple(settings.get("formats") or DEFAULT_FORMATS)
@@ -90,9 +90,79 @@ def run(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
     if unknown:
         raise OperationError(f"unknown export format(s) {', '.join(unknown)}; known: {', '.join(FORMATS)}")
     embed = bool(settings.get("embed_images"))
-    reader = _ImageReader(Path(ctx.recipe_dir), params.get("roots") or {}) if embed else None
-    files = export_files(table, params["stage"], formats, training=params.get("training"), images=reader)
-    yield from emit(table, consumed=table.num_rows, files=files)
+    stage = params["stage"]
+    if "hf_dataset" in formats or "parquet" in formats:
+        # these two cut shards by the size of the whole table: built in memory (streaming them is
+        # the next step); the LLaVA JSON and chat files below stream
+        table = recs.table()
+        reader = _ImageReader(Path(ctx.recipe_dir), params.get("roots") or {}) if embed else None
+        files = export_files(table, stage, formats, training=params.get("training"), images=reader)
+        yield from emit(table, consumed=table.num_rows, files=files)
+        return
+    yield from _streamed(ctx, recs, stage, formats)
+
+
+run.streams = True  # type: ignore[attr-defined]
+
+
+class _Sink:
+    """One exported file, written as it comes: on disk in the step's work folder (moved into the
+    store whole), or in memory when the op runs without one."""
+
+    def __init__(self, name: str, work_dir: Path | None):
+        self.name = name
+        self.path = work_dir / "export" / name if work_dir is not None else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file: Any = open(self.path, "wb")
+        else:
+            self.file = io.BytesIO()
+
+    def write(self, text: str) -> None:
+        self.file.write(text.encode("utf-8"))
+
+    def into(self, chunk_files: dict[str, bytes], chunk_paths: dict[str, Path]) -> None:
+        if self.path is not None:
+            self.file.close()
+            chunk_paths[self.name] = self.path
+        else:
+            chunk_files[self.name] = self.file.getvalue()
+
+
+def _streamed(ctx: StepContext, recs: Records, stage: str, formats: tuple[str, ...]) -> Iterator[Chunk]:
+    work_dir = Path(ctx.work_dir) if getattr(ctx, "work_dir", None) is not None else None
+    sinks: dict[str, _Sink] = {}
+    if "llava" in formats:
+        sinks["llava"] = _Sink(f"{stage}.json", work_dir)
+    if "messages" in formats:
+        sinks["messages"] = _Sink(f"{stage}.messages.jsonl", work_dir)
+    out = Rebatcher()
+    images: dict[str, str] = {}
+    total = 0
+    for batch in recs.batches():
+        hf = hf_table(batch)
+        if "llava" in sinks:
+            sinks["llava"].write("".join(("[\n" if total == 0 and i == 0 else ",\n") + _dumps(e)
+                                         for i, e in enumerate(llava_entries(hf))))
+        if "messages" in sinks:
+            sinks["messages"].write("".join(_dumps(e) + "\n" for e in message_entries(hf)))
+        _add_images(images, batch)
+        total += batch.num_rows
+        yield from out.add(batch, consumed=batch.num_rows)
+    if "llava" in sinks:
+        sinks["llava"].write("\n]\n" if total else "[]\n")
+    files = {f"{stage}.training.json": training_json(stage, ctx.params.get("training") or {}, total),
+             IMAGE_LIST: format_image_list(images)}
+    paths: dict[str, Path] = {}
+    for sink in sinks.values():
+        sink.into(files, paths)
+    yield from out.add(None, files=files)
+    chunks = list(out.finish())
+    if chunks:
+        chunks[-1].file_paths.update(paths)
+    elif paths:
+        chunks = [Chunk(records=None, file_paths=paths)]
+    yield from chunks
 
 
 def export_files(table: pa.Table, stage: str, formats: tuple[str, ...] = DEFAULT_FORMATS, *,
@@ -216,10 +286,14 @@ def llava_next_args(t: dict[str, Any]) -> dict[str, Any]:
 def image_list(table: pa.Table) -> bytes:
     """`sha256sum` lines for the distinct images of `table`, sorted by path (GNU escaping)."""
     seen: dict[str, str] = {}
+    _add_images(seen, table)
+    return format_image_list(seen)
+
+
+def _add_images(seen: dict[str, str], table: pa.Table) -> None:
     for source, images in zip(table.column("source").to_pylist(), table.column("images").to_pylist()):
         for image in images or ():
             seen.setdefault(f"{source}/{image['path']}", image["sha256"])
-    return format_image_list(seen)
 
 
 class _ImageReader:

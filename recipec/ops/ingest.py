@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import collections
 import glob
+import hashlib
 import itertools
 import json
 import math
@@ -71,12 +72,13 @@ from multiprocessing import get_context
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import pyarrow as pa
 
 from recipec import ir, records
 from recipec.ops import images as imaging
 from recipec.ops.base import Chunk, OperationError, Reject, StepContext
-from recipec.ops.collect import canonical_json
+from recipec.ops.collect import Rebatcher, canonical_json
 
 REASONS = frozenset({
     "json_malformed", "utf8_invalid", "record_invalid", "conversation_empty", "conversation_not_alternating",
@@ -137,6 +139,7 @@ def run(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
     raws = _read(source, recipe_dir)
     with _Inspector(root, source.max_pixels, ctx.workers) as inspector:
         assembler = _Assembler(source, ctx.step_id)
+        out = Rebatcher()
         pending: collections.deque[tuple[list[_Candidate | Reject], _Results]] = collections.deque()
         for block in _blocks(raws, BLOCK):
             items = [_validate(raw, source) for raw in block]
@@ -144,10 +147,53 @@ def run(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
             pending.append((items, inspector.submit(paths)))
             if len(pending) > 1:  # one block in flight while the next is parsed
                 items, results = pending.popleft()
-                yield assembler.chunk(items, results())
+                yield from _rechunk(out, assembler.chunk(items, results()))
         while pending:
             items, results = pending.popleft()
-            yield assembler.chunk(items, results())
+            yield from _rechunk(out, assembler.chunk(items, results()))
+        yield from out.finish()
+
+
+run.streams = True  # type: ignore[attr-defined]
+
+
+def _rechunk(out: Rebatcher, chunk: Chunk) -> Iterator[Chunk]:
+    """Blocks gathered into output chunks of CHUNK_ROWS records (fewer, larger shards)."""
+    return out.add(chunk.records, consumed=chunk.consumed, rejects=chunk.rejects)
+
+
+class _Seen:
+    """How many times each 16-byte key was seen, in bounded memory: a sorted numpy array of the keys
+    (16 bytes each) plus a dict of recent ones (merged in when it grows), and a count for the keys
+    seen more than once. `recent` values ride along (the origin of an id) until merged."""
+
+    RECENT = 1 << 18
+
+    def __init__(self) -> None:
+        self.old = np.zeros(0, dtype="S16")
+        self.recent: dict[bytes, Any] = {}
+        self.again: dict[bytes, int] = {}
+
+    def seen(self, key: bytes, value: Any = None) -> tuple[int, Any]:
+        """(times seen before, the value stored with its first sighting if still known); records it."""
+        if key in self.again:
+            times = self.again[key]
+            self.again[key] = times + 1
+            return times, self.recent.get(key)
+        if key in self.recent:
+            self.again[key] = 2
+            return 1, self.recent[key]
+        if len(self.old):
+            at = int(np.searchsorted(self.old, key))
+            if at < len(self.old) and self.old[at] == key:
+                self.again[key] = 2
+                return 1, None
+        self.recent[key] = value
+        if len(self.recent) >= self.RECENT:
+            fresh = np.sort(np.array(list(self.recent), dtype="S16"))
+            self.old = np.insert(self.old, np.searchsorted(self.old, fresh), fresh)
+            self.recent = {}
+        return 0, None
 
 
 _Results = Callable[[], dict[str, Any]]  # path -> ImageInfo | (reason, detail), once ready
@@ -159,8 +205,8 @@ class _Assembler:
     def __init__(self, source: ir.Source, step_id: str):
         self.source = source
         self.step_id = step_id
-        self.copies: dict[str, int] = {}  # content id -> records of that content so far
-        self.own_ids: dict[str, str] = {}  # the data set's id -> origin of the record that has it
+        self.copies = _Seen()  # content ids -> records of that content so far
+        self.own_ids = _Seen()  # the data set's ids (a digest) -> the origin of the record that has it
 
     def chunk(self, items: list[_Candidate | Reject], images: dict[str, Any]) -> Chunk:
         rows: list[dict[str, Any]] = []
@@ -182,15 +228,15 @@ class _Assembler:
                 continue
             image_dicts = [{"path": i.path, "sha256": i.sha256, "width": i.width, "height": i.height} for i in infos]
             if item.source_id is not None:
-                first = self.own_ids.get(item.source_id)
-                if first is not None:
+                key = hashlib.blake2b(item.source_id.encode("utf-8"), digest_size=16).digest()
+                times, first = self.own_ids.seen(key, item.origin)
+                if times:
+                    where = f"record at {first}" if first is not None else "an earlier record of the source"
                     rejects.append(self.reject(item, "duplicate_id", f"id {item.source_id!r} is already the id of the "
-                                               f"record at {first}"))
+                                               f"{where}"))
                     continue
-                self.own_ids[item.source_id] = item.origin
             content = records.record_id(self.source.name, image_dicts, item.conversations)
-            copy = self.copies.get(content, 0)
-            self.copies[content] = copy + 1
+            copy, _ = self.copies.seen(bytes.fromhex(content))
             rid = records.record_id(self.source.name, image_dicts, item.conversations, copy=copy) if copy else content
             rows.append({
                 "id": rid, "source": self.source.name, "origin": item.origin, "images": image_dicts,

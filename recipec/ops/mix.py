@@ -45,21 +45,26 @@ the realised composition per entry, source, data type and category.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recipec import ir
+from recipec import ir, records
 from recipec.allocate import Allocation, allocate, part_size
 from recipec.ops.base import Chunk, OperationError, StepContext
-from recipec.ops.collect import add_provenance, concat, emit, sha_key, smallest
+from recipec.ops.collect import CHUNK_ROWS, Rebatcher, Records, add_provenance, sha_key, smallest
 from recipec.ops.cuts import scores_of
 
 ID_BYTES = 32  # records.record_id: 32 hex digits
@@ -106,37 +111,117 @@ class Selection:
 # ---- the operation ------------------------------------------------------------------------------
 
 
-def run(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
-    table = concat(inputs)
+def run(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
+    recs = Records(inputs)
     spec = MixSpec.from_params(ctx.params)
-    group_column = table.column(spec.balance.by) if spec.balance is not None else None
-    order_values = scores_of(table, spec.order.field) if spec.order.kind in ("ascending", "descending") else None
-    with ThreadPoolExecutor(1) as background:  # runs of the columns to gather, while selecting
-        other_runs = background.map(lambda c: runs_of(table.column(c)), ("data_type", "category"))
-        chosen = select(table.column("id"), table.column("source"), spec, groups=group_column,
-                        order_values=order_values)
-        runs = {"source": chosen.source_runs, **dict(zip(("data_type", "category"), other_runs))}
-    out = add_provenance(take_rows(table, chosen.positions, runs), ctx.step_id)
-    composition = _composition(out, spec, chosen)
+    # Pass 1: the columns a selection reads (ids, sources, the balancing group, the ordering score).
+    wanted = ["id", "source", *([spec.balance.by] if spec.balance is not None and spec.balance.by != "source" else []),
+              *(["scores"] if spec.order.kind in ("ascending", "descending") else [])]
+    parts: dict[str, list[pa.Array]] = {c: [] for c in wanted}
+    order_parts = []
+    for batch in recs.batches(wanted):
+        for c in wanted:
+            if c != "scores":
+                parts[c].extend(batch.column(c).chunks)
+        if "scores" in wanted:
+            order_parts.append(scores_of(batch, spec.order.field))
+    columns = {c: pa.chunked_array(v, type=records.SCHEMA.field(c).type) for c, v in parts.items() if c != "scores"}
+    group_column = columns[spec.balance.by] if spec.balance is not None else None
+    order_values = (np.concatenate(order_parts) if order_parts else np.zeros(0)) if "scores" in wanted else None
+    chosen = select(columns["id"], columns["source"], spec, groups=group_column, order_values=order_values)
+    del columns, group_column, parts
+    # Pass 2: the chosen rows in the stage's order, gathered batch by batch.
+    out = Rebatcher()
+    counts: dict[str, Counter[str]] = {"data_type": Counter(), "category": Counter()}
+    first = {"consumed": recs.num_rows,
+             "skipped": {"not_selected": chosen.not_selected, "not_in_stage": chosen.not_in_stage}}
+    for table in gather(recs, chosen.positions, getattr(ctx, "work_dir", None)):
+        table = add_provenance(table, ctx.step_id)
+        for name, counter in counts.items():
+            vc = pc.value_counts(table.column(name).combine_chunks())
+            counter.update({str(v): int(c) for v, c in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist())})
+        yield from out.add(table, **first)
+        first = {}
+    composition = _composition(len(chosen.positions), counts, spec, chosen)
     files = {"composition.json": (json.dumps(composition, sort_keys=True, ensure_ascii=False, indent=1) + "\n").encode()}
-    ctx.log.info("stage %s: %d records from %s", spec.stage, out.num_rows, composition["by_source"])
-    yield from emit(out, consumed=table.num_rows, files=files,
-                    skipped={"not_selected": chosen.not_selected, "not_in_stage": chosen.not_in_stage})
+    ctx.log.info("stage %s: %d records from %s", spec.stage, len(chosen.positions), composition["by_source"])
+    yield from out.add(None, files=files, **first)
+    yield from out.finish()
 
 
-def _composition(out: pa.Table, spec: MixSpec, chosen: Selection) -> dict[str, Any]:
-    def counts(name: str) -> dict[str, int]:
-        if out.num_rows == 0:
-            return {}
-        vc = pc.value_counts(out.column(name).combine_chunks())
-        return {str(v): int(c) for v, c in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist())}
+run.streams = True  # type: ignore[attr-defined]
 
+SPILL_ROWS = 2 * CHUNK_ROWS  # output rows per spill bucket when the stage's order is not input order
+
+
+def gather(recs: Records, positions: np.ndarray, work_dir: Path | None = None) -> Iterator[pa.Table]:
+    """The rows `positions` (row numbers across the inputs) in that order, a bounded piece at a time.
+
+    Rows in input order stream straight through. Otherwise each input batch's chosen rows go to the
+    spill bucket of their output position (Arrow IPC files, zstd, in `work_dir`), and each bucket is
+    then read back and sorted: two passes over the data, memory of one batch and one bucket.
+    """
+    n, m = recs.num_rows, len(positions)
+    if m == 0:
+        return
+    out_pos = np.full(n, -1, dtype=np.int64)
+    out_pos[positions] = np.arange(m, dtype=np.int64)
+    if m == 1 or bool(np.all(np.diff(positions) > 0)):
+        start = 0
+        for batch in recs.batches():
+            here = out_pos[start:start + batch.num_rows] >= 0
+            start += batch.num_rows
+            if here.any():
+                yield batch.filter(pa.array(here)) if not here.all() else batch
+        return
+    with contextlib.ExitStack() as stack:
+        if work_dir is not None:
+            spill = Path(work_dir) / "mix-spill"
+            shutil.rmtree(spill, ignore_errors=True)
+            spill.mkdir(parents=True)
+            stack.callback(shutil.rmtree, spill, True)
+        else:
+            spill = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="recipec-mix-")))
+        options = pa.ipc.IpcWriteOptions(compression="zstd")
+        schema = records.SCHEMA.append(pa.field("_pos", pa.int64()))
+        writers: dict[int, Any] = {}
+        start = 0
+        for batch in recs.batches():
+            pos = out_pos[start:start + batch.num_rows]
+            start += batch.num_rows
+            local = np.flatnonzero(pos >= 0)
+            if not len(local):
+                continue
+            buckets = pos[local] // SPILL_ROWS
+            order = np.argsort(buckets, kind="stable")
+            local, buckets = local[order], buckets[order]
+            bounds = np.flatnonzero(np.diff(buckets)) + 1
+            for piece in np.split(np.arange(len(local)), bounds):
+                bucket = int(buckets[piece[0]])
+                rows = local[piece]
+                part = batch.take(pa.array(rows)).append_column("_pos", pa.array(pos[rows]))
+                if bucket not in writers:
+                    writers[bucket] = stack.enter_context(
+                        pa.ipc.new_stream(str(spill / f"{bucket:06d}.arrow"), schema, options=options))
+                writers[bucket].write_table(part)
+        for writer in writers.values():
+            writer.close()
+        del out_pos
+        for bucket in range((m + SPILL_ROWS - 1) // SPILL_ROWS):
+            with pa.memory_map(str(spill / f"{bucket:06d}.arrow")) as source:
+                table = pa.ipc.open_stream(source).read_all()
+            order = pc.sort_indices(table.column("_pos"))
+            yield table.take(order).drop_columns(["_pos"])
+            del table
+
+
+def _composition(total: int, counts: dict[str, Counter[str]], spec: MixSpec, chosen: Selection) -> dict[str, Any]:
     by_source: dict[str, int] = {}
     for per_source in chosen.by_entry.values():
         for source, n in per_source.items():
             by_source[source] = by_source.get(source, 0) + n
-    return {"stage": spec.stage, "samples": spec.samples, "total": int(out.num_rows), "by_entry": chosen.by_entry,
-            "by_source": by_source, "by_data_type": counts("data_type"), "by_category": counts("category"),
+    return {"stage": spec.stage, "samples": spec.samples, "total": int(total), "by_entry": chosen.by_entry,
+            "by_source": by_source, "by_data_type": dict(counts["data_type"]), "by_category": dict(counts["category"]),
             "order": spec.order.model_dump(mode="json"), "not_selected": chosen.not_selected,
             "not_in_stage": chosen.not_in_stage}
 

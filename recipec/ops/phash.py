@@ -284,7 +284,8 @@ def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
 
 
 def phash_files_checked(
-    paths: Sequence[str | os.PathLike[str]], *, workers: int = 1, chunk_size: int = 256
+    paths: Sequence[str | os.PathLike[str]], *, workers: int = 1, chunk_size: int = 256,
+    pool: "ProcessPoolExecutor | None" = None,
 ) -> tuple[np.ndarray, list[str | None]]:
     """Hashes of image files plus, per file, None or the reason it could not be hashed.
 
@@ -299,11 +300,25 @@ def phash_files_checked(
     chunk = max(1, min(chunk_size, -(-len(items) // (4 * max(workers, 1)))))
     if workers <= 1 or len(items) <= chunk:
         return _hash_chunk(items)
-    with _workers_env(), ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+    if pool is not None:  # the caller's pool, kept across calls (a step hashing batch after batch)
         parts = list(pool.map(_hash_chunk, _chunks(items, chunk)))
+    else:
+        with hashing_pool(workers) as own:
+            parts = list(own.map(_hash_chunk, _chunks(items, chunk)))
     hashes = np.concatenate([h for h, _ in parts])
     errors = [e for _, errs in parts for e in errs]
     return hashes, errors
+
+
+@contextlib.contextmanager
+def hashing_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+    """A spawn-based process pool for `phash_files_checked(pool=...)`, one BLAS thread per worker."""
+    with _workers_env():
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def phash_files(paths: Sequence[str | os.PathLike[str]], *, workers: int = 1) -> np.ndarray:

@@ -9,7 +9,9 @@
    is cached: not run, and its inputs are not even read.
 3. Refuse to start when a step that must run has no operation in this installation, naming each
    such step and its op, and suggesting an `--until` that runs the part that can run.
-4. Run the rest one after the other in plan order. Steps run sequentially; operations parallelise
+4. Run the rest one after the other in plan order. An operation marked `streams` (the data ops)
+   gets each input as a `store.StoredTable`, which it reads shard by shard, so its memory does not
+   grow with the data; the others get whole `pa.Table`s. Steps run sequentially; operations parallelise
    internally with `ctx.workers` processes or threads, and must give the same output for any
    number of them. Each chunk an op yields is written as it comes (records, rejects, files), and
    the step is committed to the store whole when the op is done.
@@ -351,8 +353,12 @@ class _StepRunner:
         key = self.keys[step.id]
         started = time.perf_counter()
         log.info("step %s (%s) running: key %s", step.id, step.op, key)
-        inputs = [self.store.read_records(self.keys[i], self.manifest_of(i)) for i in step.inputs]
-        input_rows = sum(t.num_rows for t in inputs)
+        operation = self.operations[step.op]
+        if getattr(operation, "streams", False):  # reads its inputs batch by batch: memory stays bounded
+            inputs = [self.store.open_records(self.keys[i], self.manifest_of(i)) for i in step.inputs]
+        else:  # gets whole tables (the model-backed ops, which model throughput bounds anyway)
+            inputs = [self.store.read_records(self.keys[i], self.manifest_of(i)) for i in step.inputs]
+        input_rows = sum(int(t.num_rows) for t in inputs)
         step_progress = self.progress.step_started(step, position, input_rows if step.inputs else None)
         ctx = StepContext(
             step_id=step.id, op=step.op, params=copy.deepcopy(step.params), fingerprint=step.fingerprint,
@@ -365,7 +371,7 @@ class _StepRunner:
         self.engines.step_started()
         try:
             tally = _Tally(step)
-            for chunk in self.operations[step.op](ctx, inputs):
+            for chunk in operation(ctx, inputs):
                 tally.write(chunk, writer)
                 step_progress.chunk_consumed(chunk.consumed)
             del inputs

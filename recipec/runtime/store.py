@@ -370,6 +370,12 @@ class Store:
         manifest = manifest or self._require(key)
         return self._read_tables(key, manifest["records"], "records")
 
+    def open_records(self, key: str, manifest: Mapping[str, Any] | None = None) -> "StoredTable":
+        """The output records of a step, read lazily: row counts from the manifest, batches on demand."""
+        manifest = manifest or self._require(key)
+        return StoredTable([self.path(key, e["name"]) for e in manifest["records"]],
+                           [int(e["rows"]) for e in manifest["records"]])
+
     def read_rejects(self, key: str, manifest: Mapping[str, Any] | None = None) -> "pa.Table":
         manifest = manifest or self._require(key)
         return self._read_tables(key, manifest["rejects"], "rejects")
@@ -392,6 +398,54 @@ class Store:
         if len(tables) == 1:
             return tables[0]
         return pa.concat_tables(tables, promote_options="default")
+
+
+class StoredTable:
+    """A stored step's records without loading them: what streaming operations get as an input.
+
+    `num_rows` comes from the manifest; `batches(columns)` reads the shards one at a time (only the
+    columns asked for), so an operation's memory does not grow with the step's size. `read()` gives
+    the whole table, for operations that need it (the model-backed ones).
+    """
+
+    def __init__(self, paths: Sequence[Path], rows: Sequence[int]):
+        self.paths = list(paths)
+        self.rows = list(rows)
+        self.num_rows = sum(self.rows)
+
+    @property
+    def schema(self) -> "pa.Schema":
+        import pyarrow.parquet as pq
+
+        from recipec import records
+
+        return pq.read_schema(self.paths[0]) if self.paths else records.SCHEMA
+
+    def batches(self, columns: Sequence[str] | None = None) -> Iterator["pa.Table"]:
+        """The records shard by shard, in order (a shard holds at most one chunk of an op's output)."""
+        import pyarrow.parquet as pq
+
+        for path, rows in zip(self.paths, self.rows):
+            if not rows:
+                continue
+            wanted = None
+            if columns is not None:
+                names = pq.read_schema(path).names
+                wanted = [c for c in columns if c in names]
+            yield pq.read_table(path, columns=wanted, memory_map=True)
+
+    def read(self, columns: Sequence[str] | None = None) -> "pa.Table":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from recipec import records
+
+        tables = [pq.read_table(p, columns=list(columns) if columns is not None else None, memory_map=True)
+                  for p in self.paths]
+        if not tables:
+            empty = records.empty_table()
+            return empty.select(list(columns)) if columns is not None else empty
+        return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
 
 
 def entries(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
