@@ -16,6 +16,9 @@ COMMANDS = {
     "diff": ("recipec.cli.diff", "compare two recipes by meaning"),
     "run": ("recipec.cli.run", "run the plan: what is not cached, resumably"),
     "train": ("recipec.cli.train", "write the launch script of a training stage (torchrun, Slurm)"),
+    "why": ("recipec.cli.why", "trace one record of a run: its origin, the steps that touched it, its fate"),
+    "lock": ("recipec.cli.lock", "pin every source, model and included file of a recipe by digest"),
+    "package": ("recipec.cli.package", "gather a finished run's open-science package (Model Openness Framework)"),
 }
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
