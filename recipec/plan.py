@@ -277,7 +277,10 @@ def stage_summary(recipe: ir.Recipe, stage: ir.Stage) -> dict[str, Any]:
     }
 
 
-def plan_json(plan: Plan, cached: set[str] | None = None) -> dict[str, Any]:
+def plan_json(plan: Plan, cached: set[str] | None = None, may_stay: set[str] | None = None) -> dict[str, Any]:
+    """The plan as JSON; with a store, each step's `cached` and, for a step that will be recomputed
+    only because an input is, `may_stay_cached` (early cutoff: it stays cached if that input comes
+    out unchanged)."""
     r = plan.recipe
     steps = []
     for step in plan.steps.values():
@@ -285,6 +288,8 @@ def plan_json(plan: Plan, cached: set[str] | None = None) -> dict[str, Any]:
                  "uses_model": step.op in MODEL_OPS}
         if cached is not None:
             entry["cached"] = step.id in cached
+            if may_stay is not None and step.id in may_stay:
+                entry["may_stay_cached"] = True
         steps.append(entry)
     return {
         "recipe": r.name,

@@ -300,3 +300,36 @@ def test_a_run_that_computes_data_steps_does_not_import_torch(project, tmp_path)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_early_cutoff_a_threshold_moved_where_no_record_sits_recomputes_only_that_step(project, tmp_path):
+    run_project(project, tmp_path / "store")
+    project.write_recipe(2.1)  # no loss lies between 2.0 and 2.1: the filter keeps the same records
+    plan = project.plan()
+    threshold_step = "filter.processing.2.keep_loss"
+    from recipec.runtime.store import cache_status
+
+    status = cache_status(plan, tmp_path / "store", project.root)
+    assert status[threshold_step] == "runs" and status["ingest.a"] == "cached"
+    downstream = (plan.downstream({threshold_step}) - {threshold_step}) & set(DATA_STEPS_SELECTED(plan))
+    assert downstream and all(status[s] == "may stay cached" for s in downstream)
+    result = run_project(project, tmp_path / "store")
+    ran = {o.id for o in result.outcomes if not o.cached}
+    assert ran == {threshold_step}
+
+
+def DATA_STEPS_SELECTED(plan):
+    return select(plan, DATA_STEPS)
+
+
+def test_plan_says_which_steps_may_stay_cached(project, tmp_path):
+    run_project(project, tmp_path / "store")
+    project.write_recipe(2.1)
+    done = subprocess.run([sys.executable, "-m", "recipec", "plan", str(project.recipe_path), "--json",
+                           "--store", str(tmp_path / "store")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    steps = {s["id"]: s for s in json.loads(done.stdout)["steps"]}
+    assert steps["filter.processing.2.keep_loss"]["cached"] is False
+    assert "may_stay_cached" not in steps["filter.processing.2.keep_loss"]
+    assert steps["collect"]["cached"] is True
+    assert any(s.get("may_stay_cached") for s in steps.values())

@@ -20,17 +20,18 @@ def register(parser: argparse.ArgumentParser) -> None:
     add_root_option(parser)
 
 
-def _cached(plan, store: str | None, recipe_file: str) -> set[str] | None:
+def _cached(plan, store: str | None, recipe_file: str) -> tuple[set[str] | None, set[str] | None]:
     import os
 
     from recipec.cli.run import DEFAULT_STORE
 
     store = store or os.environ.get("RECIPEC_STORE") or (str(DEFAULT_STORE) if DEFAULT_STORE.is_dir() else None)
     if not store:
-        return None
-    from recipec.runtime.store import cached_steps
+        return None, None
+    from recipec.runtime.store import cache_status
 
-    return cached_steps(plan, store, Path(recipe_file).parent)
+    status = cache_status(plan, store, Path(recipe_file).parent)
+    return ({s for s, v in status.items() if v == "cached"}, {s for s, v in status.items() if v == "may stay cached"})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
     if not result.ok:
         return failure_code(result)
     plan = build_plan(result.recipe)
-    cached = _cached(plan, args.store, args.file)
-    data = plan_json(plan, cached)
+    cached, may_stay = _cached(plan, args.store, args.file)
+    data = plan_json(plan, cached, may_stay)
     if args.json:
         sys.stdout.write(json_text(data) + "\n")
         return 0
@@ -90,6 +91,8 @@ def _print_rich(data: dict) -> None:
         marks = []
         if step.get("cached") is True:
             marks.append("[green]cached[/]")
+        elif step.get("may_stay_cached"):
+            marks.append("[yellow]will run[/] [cyan](may stay cached if unchanged)[/]")
         elif step.get("cached") is False:
             marks.append("[yellow]will run[/]")
         if step["op"] in MODEL_OPS:

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     recipe_dir = Path(args.file).parent.absolute()
     with store.locked():
         files = store.file_digests()
-        keys = plan_keys(plan, [step_id], recipe_dir, DataDigests(files))
+        keys = plan_keys(plan, [step_id], recipe_dir, DataDigests(files), store)
         absent = [i for i in step.inputs if store.done(keys[i]) is None]
         if absent:
             hint = " ".join(f"--until {i}" for i in absent)

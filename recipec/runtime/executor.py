@@ -274,7 +274,7 @@ def execute(
 
     with store.locked():
         files = store.file_digests()
-        keys = plan_keys(plan, selected, recipe_dir, DataDigests(files))
+        keys = plan_keys(plan, selected, recipe_dir, DataDigests(files), store)
         files.save()
 
         done: dict[str, dict[str, Any] | None] = {}
@@ -299,6 +299,7 @@ def execute(
                  plan.recipe.name, len(selected), len(selected) - len(to_run), len(to_run), workers, store.root)
         runner = _StepRunner(plan, store, keys, recipe_dir, workers, operations, progress,
                              _Engines(engines or load_engine, workers, store, recipe_dir))
+        runner.verify = verify
         outcomes: list[StepOutcome] = []
         progress.start(len(selected))
         try:
@@ -310,7 +311,15 @@ def execute(
                     progress.step_finished(position, outcome)
                     log.info("step %s (%s) cached: key %s", step_id, step.op, keys[step_id])
                 else:
-                    outcome = runner.run(step, position)
+                    settled = runner.settle_key(step)
+                    if settled is not None:  # early cutoff: its inputs came out as they were
+                        log.info("step %s (%s) stays cached: its inputs' content is unchanged (key %s)",
+                                 step_id, step.op, runner.keys[step_id])
+                        outcome = _outcome(step, runner.keys[step_id], settled, cached=True, seconds=0.0)
+                        runner.manifests[step_id] = settled
+                        progress.step_finished(position, outcome)
+                    else:
+                        outcome = runner.run(step, position)
                 outcomes.append(outcome)
         finally:
             runner.engines.shutdown()
@@ -338,6 +347,7 @@ class _StepRunner:
         self.progress = progress
         self.engines = engines
         self.manifests: dict[str, dict[str, Any]] = {}
+        self.verify = False
 
     def manifest_of(self, step_id: str) -> dict[str, Any]:
         if step_id not in self.manifests:  # an upstream step outside the selection (--only)
@@ -346,6 +356,17 @@ class _StepRunner:
                 raise RunError(f"the output of step `{step_id}` is not in the store {self.store.root}")
             self.manifests[step_id] = manifest
         return self.manifests[step_id]
+
+    def settle_key(self, step: Step) -> dict[str, Any] | None:
+        """Key `step` on its inputs' output digests, now that they are done; its manifest if that key
+        is done in the store already (the step stays cached), else None."""
+        if step.op == "ingest" or not step.inputs:
+            return None
+        from recipec.runtime.store import content_key, output_digest
+
+        digests = [output_digest(self.manifest_of(i)) for i in step.inputs]
+        self.keys[step.id] = content_key(step, digests, seed=self.plan.recipe.seed)
+        return self.store.done(self.keys[step.id], verify=self.verify)
 
     def run(self, step: Step, position: int) -> StepOutcome:
         from recipec.ops.base import OperationError, StepContext
@@ -383,6 +404,7 @@ class _StepRunner:
                 "composition": tally.composition(), "seconds": round(time.perf_counter() - started, 3),
                 **({"models": usage} if (usage := self.engines.step_usage()) else {})})
             shutil.rmtree(ctx.work_dir, ignore_errors=True)
+            self.store.remember_computed(step, self.plan.recipe.seed)
         except (OperationError, StoreError) as e:
             writer.abort()
             log.error("step %s (%s) failed: %s", step.id, step.op, e)

@@ -13,9 +13,12 @@ Layout::
       cache/file-sha256.json             sha256 of data files by (path, size, mtime_ns)
       outputs/<digest of OUT path>.json  what the last run wrote to that --out folder (report.py)
 
-Keys. `key = sha256(store format, step fingerprint, step id, seed, input keys, data digest)`. The
-plan's fingerprint covers the op, its version and params and, through the input fingerprints, the
-whole upstream recipe; chaining the *input keys* adds what the plan cannot see: the data. The step
+Keys. An ingest step: `key = sha256(store format, step fingerprint, step id, seed, data digest)`.
+Any other step: `key = sha256(store format, its own op, version and params, step id, seed, the
+output digests of its inputs)` (`content_key`): early cutoff. An upstream edit that recomputes an
+input with the same content (a threshold moved where no record sits) leaves the step's key, so it
+stays cached, and so does everything below it whose inputs did not change. A step whose inputs are
+still to run has no key yet; the executor settles it when they are done. The step
 id and the recipe's seed are in the key because an op sees them too (`ctx.step_id`, which ops
 write into records' provenance, and `ctx.seed`): a step is computed once, whichever recipe asks
 for it, as long as it is the same step under the same name. An ingest step's
@@ -90,19 +93,76 @@ def step_key(fingerprint: str, input_keys: Sequence[str], data: str | None = Non
     return hashlib.sha256(canonical(payload).encode("utf-8")).hexdigest()
 
 
-def plan_keys(plan: "Plan", step_ids: Iterable[str], recipe_dir: Path, data: "DataDigests") -> dict[str, str]:
-    """Store keys of `step_ids` and of everything upstream of them."""
+def local_fingerprint(step: Any) -> str:
+    """What shapes a step apart from its inputs' content: its op, the op's version and its params."""
+    from recipec.plan import OP_VERSIONS
+
+    payload = {"op": step.op, "version": OP_VERSIONS.get(step.op), "params": step.params}
+    return hashlib.sha256(canonical(payload).encode("utf-8")).hexdigest()
+
+
+def output_digest(manifest: Mapping[str, Any]) -> str:
+    """What a finished step hands on: the digests of its record shards and files (its rejects stay
+    with it, and their details name its thresholds: they are no input of a later step)."""
+    content = [[e["name"], e["sha256"]] for e in (*manifest.get("records", ()), *manifest.get("files", ()))]
+    return hashlib.sha256(canonical(content).encode("utf-8")).hexdigest()
+
+
+def content_key(step: Any, input_digests: Sequence[str], *, seed: int) -> str:
+    """The key of a step that has inputs (early cutoff): its own fingerprint and its inputs' output
+    digests, not their keys. An upstream edit that gives an input the same content leaves it."""
+    payload = {"format": STORE_FORMAT, "cutoff": 1, "local": local_fingerprint(step), "step": step.id, "seed": seed,
+               "inputs": list(input_digests)}
+    return hashlib.sha256(canonical(payload).encode("utf-8")).hexdigest()
+
+
+def plan_keys(plan: "Plan", step_ids: Iterable[str], recipe_dir: Path, data: "DataDigests",
+              store: "Store | None" = None) -> dict[str, str]:
+    """Store keys of `step_ids` and of everything upstream of them.
+
+    An ingest step is keyed on its source's data. A step with inputs is keyed on its inputs' output
+    digests (`content_key`) where `store` holds every input finished; otherwise its key is
+    provisional (chained from its inputs' keys, never found done): the executor settles it once the
+    inputs have run, and the step may then still be found cached.
+    """
     needed: set[str] = set()
     for step_id in step_ids:
         needed.update(plan.upstream(step_id))
     keys: dict[str, str] = {}
+    digests: dict[str, str | None] = {}
     for step in plan.steps.values():  # dependency order: inputs come first
         if step.id not in needed:
             continue
-        digest = data.source(step.params["source"], recipe_dir) if step.op == "ingest" else None
-        keys[step.id] = step_key(step.fingerprint, [keys[i] for i in step.inputs], digest, step_id=step.id,
-                                 seed=plan.recipe.seed)
+        if step.op == "ingest" or not step.inputs:
+            digest = data.source(step.params["source"], recipe_dir) if step.op == "ingest" else None
+            keys[step.id] = step_key(step.fingerprint, [], digest, step_id=step.id, seed=plan.recipe.seed)
+        elif store is not None and all(digests.get(i) for i in step.inputs):
+            keys[step.id] = content_key(step, [digests[i] for i in step.inputs], seed=plan.recipe.seed)
+        else:
+            keys[step.id] = step_key(step.fingerprint, [keys[i] for i in step.inputs], "provisional",
+                                     step_id=step.id, seed=plan.recipe.seed)
+        manifest = store.done(keys[step.id]) if store is not None else None
+        digests[step.id] = output_digest(manifest) if manifest is not None else None
     return keys
+
+
+def cache_status(plan: "Plan", store: "str | os.PathLike | Store", recipe_dir: str | os.PathLike = ".") -> dict[str, str]:
+    """Per step of `plan`: `cached` (a run finds it done), `may stay cached` (its inputs are to be
+    recomputed, and this very step, with these params, has been computed before: if its inputs come
+    out unchanged it stays cached) or `runs`. Reads no data beyond unremembered data files, takes no
+    lock, writes nothing."""
+    store = store if isinstance(store, Store) else Store(store)
+    keys = plan_keys(plan, plan.steps, Path(recipe_dir).absolute(), DataDigests(store.file_digests()), store)
+    status: dict[str, str] = {}
+    for step_id, key in keys.items():
+        step = plan.steps[step_id]
+        if store.done(key) is not None:
+            status[step_id] = "cached"
+        elif step.inputs and store.computed_before(step, plan.recipe.seed):
+            status[step_id] = "may stay cached"
+        else:
+            status[step_id] = "runs"
+    return status
 
 
 def cached_steps(plan: "Plan", store: "str | os.PathLike | Store", recipe_dir: str | os.PathLike = ".") -> set[str]:
@@ -111,9 +171,7 @@ def cached_steps(plan: "Plan", store: "str | os.PathLike | Store", recipe_dir: s
     `recipe_dir` is the recipe's folder, which its data paths are relative to. Reads no data
     beyond data files whose digest is not remembered yet, takes no lock, writes nothing.
     """
-    store = store if isinstance(store, Store) else Store(store)
-    keys = plan_keys(plan, plan.steps, Path(recipe_dir).absolute(), DataDigests(store.file_digests()))
-    return {step_id for step_id, key in keys.items() if store.done(key) is not None}
+    return {s for s, v in cache_status(plan, store, recipe_dir).items() if v == "cached"}
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -324,6 +382,20 @@ class Store:
         """Scratch space of a step that outlives a crash (training's intermediate checkpoints);
         unlike tmp/, a new run keeps it, and the step's commit removes it."""
         return self.root / "work" / key
+
+    def _seen_path(self, step: Any, seed: int) -> Path:
+        digest = hashlib.sha256(canonical([step.id, local_fingerprint(step), seed]).encode("utf-8")).hexdigest()
+        return self.cache_dir / "computed" / digest[:2] / digest
+
+    def remember_computed(self, step: Any, seed: int) -> None:
+        """Note that this step (id, op, params, seed) has been computed once, for `cache_status`."""
+        path = self._seen_path(step, seed)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+
+    def computed_before(self, step: Any, seed: int) -> bool:
+        return self._seen_path(step, seed).exists()
 
     def file_digests(self) -> FileDigests:
         return FileDigests(self.cache_dir / "file-sha256.json")
