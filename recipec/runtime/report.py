@@ -236,9 +236,10 @@ def shortfalls(steps: Sequence[dict[str, Any]], stages: Sequence[dict[str, Any]]
             continue
         planned = st["planned"]["total"]
         got = realised["total"]
-        if got == 0 and (planned or 0) > 0:
+        if got == 0:
+            want = f"planned {planned} samples" if planned is not None else f"planned {', '.join(st['planned']['by_source'])}"
             found.append({"kind": "stage_empty", "stage": st["name"], "planned": planned, "realised": 0,
-                          "message": f"stage {st['name']} is empty: planned {planned} samples, realised none"})
+                          "message": f"stage {st['name']} is empty: {want}, realised none"})
         elif planned is not None and got < planned:
             short = {src: (n, realised.get("by_source", {}).get(src, 0))
                      for src, n in st["planned"]["by_source"].items()

@@ -2,7 +2,7 @@
 
 Written beside `report.json` by every run (report.py). Every number in its tables comes from
 `report.json` itself and carries the report path it came from in a `data-report` attribute (for
-example `steps.mix.s1.records_out`), so a test can compare the page with the JSON. The charts are
+example `steps/mix.s1/records_out`: list entries by their `id` or `name`), so a test can compare the page with the JSON. The charts are
 plotly figures; the page embeds plotly.js inline once, so it needs no network and no CDN. Sections:
 
 - warnings (report.json `warnings`): stages short of their plan or empty, filters that emptied;
@@ -298,7 +298,7 @@ def render(report: dict[str, Any], data: dict[str, Any]) -> str:
     if not warnings:
         page.add('<p class="muted">none: every stage realised its plan and no filter emptied its input</p>')
     for i, w in enumerate(warnings):
-        page.add(f'<div class="warn" data-report="warnings.{i}.message">{_e(w["message"])}</div>')
+        page.add(f'<div class="warn" data-report="warnings/{i}/message">{_e(w["message"])}</div>')
 
     # stages
     page.add('<h2 id="stages">Stages: planned against realised</h2>')
@@ -308,10 +308,10 @@ def render(report: dict[str, Any], data: dict[str, Any]) -> str:
         page.add(f'<h3 id="stage-{_e(name)}">{_e(name)}</h3>')
         page.add("<table><tr><th>samples</th><th class=n>planned</th><th class=n>realised</th>"
                  "<th class=n>max image tokens</th><th class=n>trainable params</th></tr><tr><td>total</td>"
-                 + _num(planned["total"] if planned["total"] is not None else "", f"stages.{name}.planned.total")
-                 + _num(realised["total"] if realised else "", f"stages.{name}.realised.total")
-                 + _num(st["max_image_tokens"], f"stages.{name}.max_image_tokens")
-                 + _num(st["trainable_params"], f"stages.{name}.trainable_params") + "</tr></table>")
+                 + _num(planned["total"] if planned["total"] is not None else "", f"stages/{name}/planned/total")
+                 + _num(realised["total"] if realised else "", f"stages/{name}/realised/total")
+                 + _num(st["max_image_tokens"], f"stages/{name}/max_image_tokens")
+                 + _num(st["trainable_params"], f"stages/{name}/trainable_params") + "</tr></table>")
         fig = make_subplots(rows=1, cols=3, subplot_titles=("by source", "by data type", "by category"))
         rows = []
         for col, key in enumerate(("by_source", "by_data_type", "by_category"), start=1):
@@ -324,9 +324,10 @@ def render(report: dict[str, Any], data: dict[str, Any]) -> str:
                                  marker_color="#2f6fdf", showlegend=col == 1, legendgroup="realised"), row=1, col=col)
             for n in names:
                 rows.append(f"<tr><td>{_e(key.removeprefix('by_').replace('_', ' '))}</td><td>{_e(n)}</td>"
-                            + _num(want.get(n) if want.get(n) is not None else "", f"stages.{name}.planned.{key}.{n}")
-                            + (_num(have.get(n, 0), f"stages.{name}.realised.{key}.{n}") if realised and key in realised
-                               else "<td></td>") + "</tr>")
+                            + (_num(want[n] if want[n] is not None else "", f"stages/{name}/planned/{key}/{n}")
+                               if n in want else "<td></td>")
+                            + (_num(have[n], f"stages/{name}/realised/{key}/{n}") if n in have
+                               else '<td class="n">0</td>' if realised and key in realised else "<td></td>") + "</tr>")
         fig.update_layout(barmode="group", title=f"stage {name}")
         page.figure(fig, 340)
         page.add("<details><summary>table</summary><table><tr><th>by</th><th>name</th><th class=n>planned</th>"
@@ -350,12 +351,12 @@ def render(report: dict[str, Any], data: dict[str, Any]) -> str:
     for s in steps:
         sid = s["id"]
         dropped = "<br>".join(
-            f'<span data-report="steps.{_e(sid)}.dropped.{_e(r)}" data-value="{n}">{_e(r)}: {n}</span>'
+            f'{_e(r)}: <span data-report="steps/{_e(sid)}/dropped/{_e(r)}">{n}</span>'
             + (f' <a href="#drop-{_e(sid)}-{_e(r)}">examples</a>' if (sid, r) in gallery_ids else "")
             for r, n in s["dropped"].items())
         rejects = f'<a href="{_e(s["rejects"])}">{_e(s["rejects"])}</a>' if s["rejects"] else ""
-        rows.append(f"<tr><td>{_e(sid)}</td><td>{_e(s['op'])}</td>" + _num(s["records_in"], f"steps.{sid}.records_in")
-                    + _num(s["records_out"], f"steps.{sid}.records_out") + f"<td>{dropped}</td><td>{rejects}</td></tr>")
+        rows.append(f"<tr><td>{_e(sid)}</td><td>{_e(s['op'])}</td>" + _num(s["records_in"], f"steps/{sid}/records_in")
+                    + _num(s["records_out"], f"steps/{sid}/records_out") + f"<td>{dropped}</td><td>{rejects}</td></tr>")
     page.add("<table><tr><th>step</th><th>op</th><th class=n>in</th><th class=n>out</th><th>dropped by reason</th>"
              "<th>rejects</th></tr>" + "".join(rows) + "</table>")
 
