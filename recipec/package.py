@@ -334,7 +334,7 @@ def mof_checklist(recipe: ir.Recipe, plan: Any, report: dict[str, Any], trained:
 
     def item(name: str, klass: str, status: str, where: str = "", license: str | None = None, note: str = "") -> dict[str, Any]:
         return {"component": name, "class": klass, "status": status, "where": where,
-                "license": license if status == "present" else None, "note": note}
+                "license": license if status.startswith("present") else None, "note": note}
 
     not_trained = (("not applicable", "the recipe plans no training") if not has_train
                    else ("missing", "this run did not train: run its train steps, then package again"))
