@@ -277,13 +277,16 @@ def test_loss_scores_exactly_the_assistant_tokens(fake_vllm, tiny_dir, tmp_path)
 # ---- the real vLLM --------------------------------------------------------------------------------
 
 
-def test_real_vllm_against_the_transformers_engine(tiny_dir):
+def test_real_vllm_against_the_transformers_engine():
     pytest.importorskip("vllm", reason="vLLM is an optional extra (recipec[vllm]); it is not installed here")
+    from recipec.models import tiny
     from recipec.models.transformers_engine import TransformersEngine
     from recipec.models.vllm_engine import VllmEngine
 
-    engine = VllmEngine(tiny_dir, "vllm:tiny", dtype="float32")
-    local = TransformersEngine(tiny_dir, "tiny", dtype="float32")
+    # a text model: vLLM's image models need torchvision, which its CPU build runs without
+    model_dir = tiny.materialize("tiny://qwen2", tiny.default_cache())
+    engine = VllmEngine(model_dir, "vllm:tiny", dtype="float32")
+    local = TransformersEngine(model_dir, "tiny", dtype="float32")
     gen = Generate(({"role": "user", "content": "what color is the sky?"},), sampling=Sampling(max_new_tokens=8))
     loss = Loss(({"role": "user", "content": "what color?"}, {"role": "assistant", "content": "blue sky"}))
     pick = Choose(({"role": "user", "content": "is it red?"},), ("yes", "no"))
