@@ -239,9 +239,35 @@ def test_phash_first_keeps_degraded_copies_that_come_first(tmp_path: Path, degra
     assert all(r.detail.endswith("earlier in input order") for r in rejects)
 
 
+def save_tagged(img: Image.Image, path: Path, tag: str) -> dict[str, Any]:
+    """The same pixels and file size as another copy, other bytes: a text chunk of the same length."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("copy", tag)
+    buf = io.BytesIO()
+    img.save(buf, "PNG", pnginfo=info)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+    return {"path": path.name, "sha256": hashlib.sha256(buf.getvalue()).hexdigest(), "width": img.width,
+            "height": img.height}
+
+
+def test_records_showing_the_same_image_are_not_near_duplicates(tmp_path: Path) -> None:
+    img = smooth(7)
+    shared = save(img, tmp_path / "a" / "x.png")
+    half = save(img.resize((img.width // 2, img.height // 2)), tmp_path / "a" / "half.png")
+    rows = [rec("a", 0, [shared], "how many?"), rec("a", 1, [shared], "what colour?"), rec("a", 2, [half], "where?"),
+            rec("a", 3, [half], "why?")]
+    out, rejects = run(dedup.run_phash, {"max_distance": 4, "on": None, "roots": {"a": "a"}}, rows, tmp_path)
+    assert out.column("origin").to_pylist() == ["a:0", "a:1"]  # one image, two instructions: both kept
+    assert [r.origin for r in rejects] == ["a:2", "a:3"]  # the half-size copy goes, with all its records
+    assert all(r.reason == "near_duplicate" and "larger" in r.detail for r in rejects)
+
+
 def test_phash_prefers_a_source_between_equal_copies(tmp_path: Path) -> None:
     img = smooth(5)
-    a, b = save(img, tmp_path / "a" / "x.png"), save(img, tmp_path / "b" / "x.png")
+    a, b = save_tagged(img, tmp_path / "a" / "x.png", "a"), save_tagged(img, tmp_path / "b" / "x.png", "b")
     rows = [rec("a", 0, [a], "one"), rec("b", 0, [b], "two")]
     roots = {"a": "a", "b": "b"}
     _, rejects = run(dedup.run_phash, {"max_distance": 4, "on": None, "roots": roots}, rows, tmp_path)

@@ -37,7 +37,10 @@ dedup_phash (params `max_distance`, `keep`, `prefer_sources`, `on`, `roots`)
     `hamming.duplicate_clusters` (one record kept per connected component) on purpose: with A~B and
     B~C but A and C far apart, components drop C for being near B, which was itself dropped; here C
     stays, and every dropped record is within `max_distance` of the record that replaced it.
-    Text-only records pass.
+    Text-only records pass. Records that show the very same image (the same file digest) are not
+    near duplicates of each other (one image often carries several instructions; the same image
+    and text is `dedup_exact`'s business): distinct images are compared, each represented by its
+    first record, and a dropped image takes all its records with it.
 
     Records store image paths relative to their source's image root, so the op gets the roots:
     `roots` maps each dataset to its `images` folder relative to the recipe directory (added by the
@@ -179,7 +182,7 @@ def run_phash(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
     n = recs.num_rows
     judged = np.zeros(n, dtype=bool)
     dropped: dict[int, tuple[str, str]] = {}
-    rows_parts, hash_parts, size_parts, source_parts = [], [], [], []
+    rows_parts, hash_parts, size_parts, source_parts, digest_parts = [], [], [], [], []
     source_names: dict[str, int] = {}
     start = 0
     with contextlib.ExitStack() as stack:
@@ -188,8 +191,8 @@ def run_phash(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
             m = batch.num_rows
             mask = source_mask(batch, on)
             judged[start:start + m] = mask
-            batch_rows, paths, sizes, codes = _first_images(batch, mask, roots, Path(ctx.recipe_dir), start, dropped,
-                                                            source_names)
+            batch_rows, paths, sizes, codes, digests = _first_images(batch, mask, roots, Path(ctx.recipe_dir), start,
+                                                                     dropped, source_names)
             if workers > 1 and len(paths) > 256 and pool is None:
                 pool = stack.enter_context(phashing.hashing_pool(workers))
             hashes, errors = phashing.phash_files_checked(paths, workers=workers, pool=pool)
@@ -202,12 +205,25 @@ def run_phash(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
             hash_parts.append(np.asarray(hashes, dtype=np.uint64)[ok])
             size_parts.append(np.asarray(sizes, dtype=np.int64).reshape(-1, 2)[ok])
             source_parts.append(np.asarray(codes, dtype=np.int32)[ok])
+            digest_parts.append(np.asarray(digests, dtype=np.uint64)[ok])
             start += m
     candidates = np.concatenate(rows_parts) if rows_parts else np.zeros(0, dtype=np.int64)
     hashes = np.concatenate(hash_parts) if hash_parts else np.zeros(0, dtype=np.uint64)
     sizes = np.concatenate(size_parts) if size_parts else np.zeros((0, 2), dtype=np.int64)
     codes = np.concatenate(source_parts) if source_parts else np.zeros(0, dtype=np.int32)
+    digests = np.concatenate(digest_parts) if digest_parts else np.zeros(0, dtype=np.uint64)
     names = list(source_names)
+    # Records that show the very same image (same file digest) are not near duplicates of each
+    # other: one image often carries several instructions. Distinct images are compared, each
+    # represented by its first record; a dropped image takes all its records with it.
+    _, first, image_of = np.unique(digests, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # distinct images in input order
+    first = first[order]
+    image_of = np.argsort(order)[image_of.reshape(-1)] if len(digests) else image_of
+    members = np.argsort(image_of, kind="stable")
+    bounds = np.searchsorted(image_of[members], np.arange(len(first) + 1)) if len(first) else np.zeros(1, dtype=np.int64)
+    record_rows = candidates
+    candidates, hashes, sizes, codes = candidates[first], hashes[first], sizes[first], codes[first]
     pairs = hamming.radius_pairs(hashes, max_distance) if len(hashes) > 1 else np.zeros((0, 2), dtype=np.int64)
     if len(pairs):
         involved = np.unique(pairs)  # only these need ranking (and their files' metadata)
@@ -223,8 +239,9 @@ def run_phash(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
         ids = ids_at(recs, np.unique(np.array([candidates[w] for _, w, _ in found], dtype=np.int64)))
         for loser, winner, distance in found:
             why = by_index[winner].why(by_index[loser], keep, prefer)
-            dropped[int(candidates[loser])] = (
-                "near_duplicate", f"kept {ids[int(candidates[winner])]} (distance {distance}): {why}")
+            for member in members[bounds[loser]:bounds[loser + 1]].tolist():
+                dropped[int(record_rows[member])] = (
+                    "near_duplicate", f"kept {ids[int(candidates[winner])]} (distance {distance}): {why}")
     yield from judge(ctx, recs, judged, dropped)
 
 
@@ -244,9 +261,9 @@ def _first_images(batch: pa.Table, mask: np.ndarray, roots: dict[str, str | None
     """Rows (numbered from `start`), resolved paths, sizes and source codes of the batch's first images."""
     n_images = pc.list_value_length(batch.column("images")).to_numpy(zero_copy_only=False)
     local = np.flatnonzero(mask & (np.nan_to_num(n_images.astype(float)) > 0))
-    rows, paths, sizes, codes = [], [], [], []
+    rows, paths, sizes, codes, digests = [], [], [], [], []
     if not len(local):
-        return rows, paths, sizes, codes
+        return rows, paths, sizes, codes, digests
     sources = batch.column("source").take(pa.array(local, pa.int64())).to_pylist()
     firsts = pc.list_element(batch.column("images").take(pa.array(local, pa.int64())), 0).to_pylist()
     for i, source, image in zip(local.tolist(), sources, firsts):
@@ -260,7 +277,8 @@ def _first_images(batch: pa.Table, mask: np.ndarray, roots: dict[str, str | None
         paths.append(str(path))
         sizes.append((int(image["width"]), int(image["height"])))
         codes.append(source_names.setdefault(source, len(source_names)))
-    return rows, paths, sizes, codes
+        digests.append(int(image["sha256"][:16], 16))
+    return rows, paths, sizes, codes, digests
 
 
 def _paths_at(recs: Records, rows: np.ndarray, roots: dict[str, str | None], recipe_dir: Path) -> dict[int, str]:
