@@ -67,9 +67,12 @@ class Sources:
 
     texts: dict[str, str] = field(default_factory=dict)
     opaque: set[str] = field(default_factory=set)
+    # each file's lines, split once: splitting per diagnostic made many of them on a large file quadratic
+    _lines: dict[str, list[str]] = field(default_factory=dict, compare=False, repr=False)
 
     def add(self, path: str, text: str, *, quote: bool = True) -> None:
         self.texts[path] = text
+        self._lines.pop(path, None)
         if quote:
             self.opaque.discard(path)
         else:
@@ -79,7 +82,9 @@ class Sources:
         text = self.texts.get(path)
         if text is None or path in self.opaque:
             return None
-        lines = text.splitlines()
+        lines = self._lines.get(path)
+        if lines is None:
+            lines = self._lines[path] = text.splitlines()
         return lines[line - 1] if 0 < line <= len(lines) else None
 
 

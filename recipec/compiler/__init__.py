@@ -13,6 +13,7 @@ from recipec.compiler.files import Includes, include_root
 from recipec.compiler.lower import Lowering
 from recipec.compiler.reader import Context
 from recipec.diagnostics import Diagnostic, RecipeErrors, Sources
+from recipec.syntax.parser import collector_paused
 
 
 @dataclass
@@ -37,7 +38,11 @@ def compile_file(path: str | Path, *, text: str | None = None, read: Callable[[P
     includes, so a recipe can be compiled as it was in a git revision. Included files must lie in
     `root` (default: the recipe's repository, else its directory; see `recipec.compiler.files`).
     """
-    path = str(path)
+    with collector_paused():  # see there: lowering a large recipe builds as many objects as parsing it
+        return _compile(str(path), text, read, root)
+
+
+def _compile(path: str, text: str | None, read: Callable[[Path], str] | None, root: str | Path | None) -> Compiled:
     sources = Sources()
     includes = Includes(include_root(path, root), read)
     try:

@@ -61,6 +61,7 @@ class Lowering:
         self.architectures: dict[str, ir.Architecture] = {}
         self.prompts: dict[str, ir.Prompt] = {}
         self.rule_spans: dict[int, Span] = {}  # id(ir.Condition) -> where its field is written
+        self._folders: dict[str, str] = {}  # a recipe file -> its folder relative to `root`
 
     # ---- helpers --------------------------------------------------------------------------------
 
@@ -68,8 +69,14 @@ class Lowering:
         """A path written in the file at `span`, made relative to the compiled recipe's directory."""
         if os.path.isabs(text):
             return text
-        target = os.path.normpath(os.path.join(os.path.dirname(span.path), text))
-        return Path(os.path.relpath(target, self.root)).as_posix()
+        # relpath(normpath(dir/text), root) == normpath(relpath(dir, root)/text): both are lexical, and
+        # the folder's part is worked out once per file (relpath per path was most of lowering a
+        # recipe of thousands of sources)
+        folder = self._folders.get(span.path)
+        if folder is None:
+            folder = self._folders[span.path] = os.path.relpath(os.path.dirname(span.path) or ".", self.root)
+        relative = os.path.normpath(os.path.join(folder, text))
+        return relative if os.sep == "/" else Path(relative).as_posix()
 
     def read_file(self, text: str, span: Span) -> tuple[str, str] | None:
         """(relative path, content) of a file a recipe includes, or None after reporting why not."""

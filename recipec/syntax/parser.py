@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 import re
 import unicodedata
+from contextlib import contextmanager
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -251,18 +253,18 @@ def _syntax_diagnostic(error: UnexpectedInput, text: str, path: str) -> Diagnost
 def _unclosed_brace(text: str, path: str) -> Span | None:
     """The `{` left open at the end of the file (the innermost one), found by lexing."""
     stack = []
-    try:
-        for token in _parser().lex(text):
-            if token.type == "LBRACE":
-                stack.append(token)
-            elif token.type == "RBRACE" and stack:
-                stack.pop()
-    except UnexpectedInput:
+    tokens = _fast_tokens(text)  # lexed as lark's root lexer lexes it
+    if tokens[-1][0] == "X":
         return None
+    for token in tokens:
+        if token[0] == "{":
+            stack.append(token)
+        elif token[0] == "}" and stack:
+            stack.pop()
     if not stack:
         return None
     token = stack[-1]
-    return Span(path, token.line, token.column, token.line, token.column + 1)
+    return Span(path, token[2], token[3], token[2], token[3] + 1)
 
 
 KEYWORDS = ("keep", "drop", "remove", "top", "bottom")
@@ -468,21 +470,24 @@ class _Builder:
         return self.string(token) if token.type == "STRING" else str(token)
 
     def string(self, token: Token) -> str:
-        raw = str(token)
+        return self.string_text(str(token), self.span(token))
+
+    def string_text(self, raw: str, span: Span) -> str:
+        """The text of a string literal `raw` written at `span`; E013 for what it may not hold."""
         if "\\" not in raw:
             text = raw[1:-1]  # nothing escaped: the common case, without a JSON decoder
         else:
             try:
                 text = json.loads(raw, strict=False)
             except json.JSONDecodeError:
-                self.errors.append(Diagnostic("E013", "invalid escape in string", self.span(token),
+                self.errors.append(Diagnostic("E013", "invalid escape in string", span,
                                               "use \\\" \\\\ \\n \\t or \\uXXXX"))
                 return raw[1:-1]
         found = _BAD_IN_STRING.search(text)
         if found is not None:
             bad = found.group()
             what = "a NUL character" if bad == "\0" else f"a lone surrogate `\\u{ord(bad):04x}`"
-            self.errors.append(Diagnostic("E013", f"a string cannot hold {what}", self.span(token),
+            self.errors.append(Diagnostic("E013", f"a string cannot hold {what}", span,
                                           "write the character itself, or a surrogate pair \\ud83d\\ude00 for one above U+FFFF"
                                           if bad != "\0" else "remove the NUL character"))
         return text
@@ -497,12 +502,7 @@ class _Builder:
         if kind == "number":
             return ast.Number(str(node.children[0]), span)
         if kind == "dims":
-            first, second = str(node.children[0]).split("x")
-            if len(first) > 18 or len(second) > 18:  # past any grid or budget; int() of 5,000 digits fails
-                self.errors.append(Diagnostic("E202", f"`{first[:10]}...x...` is out of range", span,
-                                              "a grid is `2x2`, a token budget `10x729`"))
-                return ast.Dims(1, 1, span)
-            return ast.Dims(int(first), int(second), span)
+            return self.dims(str(node.children[0]), span)
         if kind == "name":
             return ast.Name(str(node.children[0]), span)
         if kind == "list":
@@ -511,6 +511,14 @@ class _Builder:
             name, *args = node.children
             return ast.Call(str(name), tuple(self.value(a) for a in args if a is not None), span)
         raise AssertionError(f"unknown value node {kind}")
+
+    def dims(self, text: str, span: Span) -> ast.Dims:
+        first, second = text.split("x")
+        if len(first) > 18 or len(second) > 18:  # past any grid or budget; int() of 5,000 digits fails
+            self.errors.append(Diagnostic("E202", f"`{first[:10]}...x...` is out of range", span,
+                                          "a grid is `2x2`, a token budget `10x729`"))
+            return ast.Dims(1, 1, span)
+        return ast.Dims(int(first), int(second), span)
 
 
 MAX_NESTING = 64  # blocks, lists and calls inside one another; real recipes use four or five
@@ -525,20 +533,284 @@ def normalise(text: str) -> str:
     return text
 
 
+@contextmanager
+def collector_paused():
+    """Python's cycle collector held off while a tree is built.
+
+    A tree holds no cycles (reference counting frees it), but building one allocates millions of
+    objects that all survive, and each collection the allocations trigger walks everything that
+    survived so far: with the collector on, a 5 MB recipe takes three times as long to read.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def parse(text: str, path: str = "<recipe>") -> ast.Document:
     """Parse recipe text; raise RecipeErrors (never a lark exception) when it is not well formed."""
     text = normalise(text)
     comments = _comments(text, path)
-    parser = _parser()
+    with collector_paused():
+        starts: list[int] = []
+        try:
+            items, errors = _parse_fast(text, path, starts)
+        except (_GiveUp, IndexError):
+            items, errors = _parse_lark(text, path, starts)
+    if errors:
+        raise RecipeErrors(errors)
+    return ast.Document(path, items, tuple(comments), text)
+
+
+def _parse_lark(text: str, path: str, starts: list[int] | None = None) -> tuple[tuple[ast.Item, ...], list[Diagnostic]]:
+    """The items through lark (every syntax error is reported from here) and the builder's errors.
+
+    `starts`: what the fast path, having given up on this text, found (see `_lark_error`).
+    """
+    error = _lark_error(text, starts)
+    if error is not None:
+        raise RecipeErrors(_syntax_errors(error, text, path)) from None
     try:
-        tree = parser.parse(text)
-    except UnexpectedInput as error:
+        tree = _parser().parse(text)
+    except UnexpectedInput as error:  # not reached: _lark_error parsed the same text
         raise RecipeErrors(_syntax_errors(error, text, path)) from None
     builder = _Builder(path)
     items = builder.items(tree.children)
-    if builder.errors:
-        raise RecipeErrors(builder.errors)
-    return ast.Document(path, items, tuple(comments), text)
+    return items, builder.errors
+
+
+# ---- the fast path: tokens straight to the syntax tree ------------------------------------------
+#
+# Lark's LALR parser with propagated positions costs about 8 s per megabyte; almost all of it is the
+# generic machinery (a token object, a rule callback and a position walk per node). The grammar is
+# small and LL(1), so valid recipes are read by one regular expression and a recursive descent that
+# builds the tree and takes every span from the tokens themselves. It accepts a subset of what the
+# grammar accepts, with the same tree and the same spans (tests/test_syntax.py compares both on the
+# shipped recipes, the catalogues and mutated recipes); on anything it does not accept (every syntax
+# error, and a few legal oddities such as `drop loss top5%`, which lark's contextual lexer splits) it
+# gives up, and the text goes through lark as before, so every error keeps its exact position,
+# message and hint.
+#
+# Tokens are lexed as lark's root lexer would: the same terminals in lark's order (priority, then
+# width), `keep`/`drop`/`remove` only at the start of an item and `top`/`bottom` only after a rule's
+# field, which is where lark's contextual lexer knows them; everywhere else such a word is a name.
+
+_SKIP = r"(?:[ \t\f\r\n]++|(?:#|//)[^\n]*+)*+"  # possessive: a long blank run never backtracks
+_FAST_TOKEN = re.compile(_SKIP + "(?:" + "|".join([
+    r'(?P<L>"""[\s\S]*?""")',
+    r"(?P<D>[0-9]+x[0-9]+(?![A-Za-z0-9_.]))",
+    r"(?P<N>-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?[KMBT%]?(?![A-Za-z0-9_]))",
+    r"(?P<I>[A-Za-z_][A-Za-z0-9_\-]*)",
+    r'(?P<S>"(?:[^"\\\n]|\\.)*")',
+    r"(?P<C>>=|<=|==|!=|>|<)",
+    r"(?P<P>[{}=.,\[\]()])",
+    r"(?P<E>\Z)",
+]) + ")")
+
+
+class _GiveUp(Exception):
+    """The fast path does not read this text; lark will."""
+
+
+def _fast_tokens(text: str) -> list[tuple]:
+    """(kind, text, line, column, end_line, end_column, offset) per token, lexed as lark's root lexer.
+
+    Kinds: L long string, D dims, N number, I name or keyword, S string, C comparison, and for
+    punctuation the character itself. The last token is E at the end of the text, or X where no
+    terminal matches.
+    """
+    tokens = []
+    append = tokens.append
+    line, line_start, at = 1, 0, 0
+    count, rfind, match_at = text.count, text.rfind, _FAST_TOKEN.match
+    while True:
+        match = match_at(text, at)  # anchored: a character no terminal matches costs no search
+        if match is None:
+            append(("X", "", line, at - line_start + 1, line, at - line_start + 1, at))
+            return tokens
+        kind = match.lastgroup
+        start, end = match.span(kind)
+        if start != at:  # skipped blanks and comments
+            newlines = count("\n", at, start)
+            if newlines:
+                line += newlines
+                line_start = rfind("\n", at, start) + 1
+        value = match.group(kind)
+        column = start - line_start + 1
+        if kind == "P":
+            append((value, value, line, column, line, column + 1, start))
+        elif kind == "L" and "\n" in value:
+            first = line
+            line += value.count("\n")
+            line_start = rfind("\n", start, end) + 1
+            append((kind, value, first, column, line, end - line_start + 1, start))
+        else:
+            append((kind, value, line, column, line, end - line_start + 1, start))
+        at = end
+        if kind == "E":
+            return tokens
+
+
+def _parse_fast(text: str, path: str, starts: list[int] | None = None) -> tuple[tuple[ast.Item, ...], list[Diagnostic]]:
+    """The items of a well-formed recipe and the builder's errors; raises _GiveUp otherwise.
+
+    `starts` receives the offset of each top-level item begun (the last one is where it gave up).
+    """
+    tokens = _fast_tokens(text)
+    top_level = starts if starts is not None else []
+    builder = _Builder(path)
+    errors = builder.errors
+    string = builder.string_text
+    make_span = Span
+    Attribute, Block, Rule, Removal = ast.Attribute, ast.Block, ast.Rule, ast.Removal
+    position = 0
+
+    def span_of(token) -> Span:
+        return make_span(path, token[2], token[3], token[4], token[5])
+
+    def value():
+        nonlocal position
+        token = tokens[position]
+        kind = token[0]
+        position += 1
+        if kind == "I":
+            if tokens[position][0] == "(":
+                position += 1
+                args = []
+                closing = tokens[position]
+                if closing[0] == ")":
+                    position += 1
+                else:
+                    while True:
+                        args.append(value())
+                        closing = tokens[position]
+                        position += 1
+                        if closing[0] == ")":
+                            break
+                        if closing[0] != ",":
+                            raise _GiveUp
+                return ast.Call(token[1], tuple(args), make_span(path, token[2], token[3], closing[4], closing[5]))
+            return ast.Name(token[1], span_of(token))
+        if kind == "S":
+            span = span_of(token)
+            return ast.String(string(token[1], span), False, span)
+        if kind == "N":
+            return ast.Number(token[1], span_of(token))
+        if kind == "D":
+            return builder.dims(token[1], span_of(token))
+        if kind == "L":
+            return ast.String(token[1][3:-3], True, span_of(token))
+        if kind == "[":
+            entries = []
+            while True:
+                if tokens[position][0] == "]":
+                    closing = tokens[position]
+                    position += 1
+                    break
+                entries.append(value())
+                closing = tokens[position]
+                position += 1
+                if closing[0] == "]":
+                    break
+                if closing[0] != ",":
+                    raise _GiveUp
+            return ast.ListValue(tuple(entries), make_span(path, token[2], token[3], closing[4], closing[5]))
+        raise _GiveUp
+
+    def items(closing: str) -> tuple[tuple[ast.Item, ...], tuple]:
+        """Items up to `closing` ("}" or "E"); returns them and the closing token."""
+        nonlocal position
+        found = []
+        append = found.append
+        while True:
+            token = tokens[position]
+            kind = token[0]
+            if kind != "I":
+                if kind == closing:
+                    position += 1
+                    return tuple(found), token
+                if closing == "E":
+                    top_level.append(token[6])
+                raise _GiveUp
+            word = token[1]
+            position += 1
+            if closing == "E":
+                top_level.append(token[6])
+            if word == "keep" or word == "drop":
+                field = tokens[position]
+                condition = tokens[position + 1]
+                if field[0] != "I":
+                    raise _GiveUp
+                if condition[0] == "C":
+                    op = condition[1]
+                elif condition[0] == "I" and condition[1] in ("top", "bottom"):
+                    op = condition[1]
+                else:
+                    raise _GiveUp
+                position += 2
+                mark = len(errors)
+                rule_value = value()
+                value_errors = errors[mark:]
+                del errors[mark:]  # lark's builder reads the body before the value: keep its order
+                body = None
+                last = tokens[position - 1]
+                if tokens[position][0] == "{":
+                    position += 1
+                    body, last = items("}")
+                errors.extend(value_errors)
+                end_line, end_column = (last[4], last[5]) if body is not None else (rule_value.span.end_line, rule_value.span.end_column)
+                append(Rule(word, field[1], op, rule_value, body, make_span(path, token[2], token[3], end_line, end_column),
+                            span_of(field)))
+            elif word == "remove":
+                names = []
+                last = tokens[position]
+                if last[0] != "I":
+                    raise _GiveUp
+                names.append(last[1])
+                position += 1
+                while tokens[position][0] == ".":
+                    last = tokens[position + 1]
+                    if last[0] != "I":
+                        raise _GiveUp
+                    names.append(last[1])
+                    position += 2
+                append(Removal(tuple(names), make_span(path, token[2], token[3], last[4], last[5])))
+            else:
+                following = tokens[position]
+                if following[0] == "=":
+                    position += 1
+                    attribute_value = value()
+                    end = attribute_value.span
+                    append(Attribute(word, attribute_value, make_span(path, token[2], token[3], end.end_line, end.end_column),
+                                     span_of(token)))
+                    continue
+                labels, quoted, label_spans = [], [], []
+                while following[0] == "I" or following[0] == "S":
+                    span = span_of(following)
+                    if following[0] == "S":
+                        labels.append(string(following[1], span))
+                        quoted.append(True)
+                    else:
+                        labels.append(following[1])
+                        quoted.append(False)
+                    label_spans.append(span)
+                    position += 1
+                    following = tokens[position]
+                if following[0] != "{":
+                    raise _GiveUp
+                position += 1
+                body, last = items("}")
+                append(Block(word, tuple(labels), body, tuple(quoted), make_span(path, token[2], token[3], last[4], last[5]),
+                             span_of(token), tuple(label_spans), span_of(last)))
+
+    try:
+        document_items, _ = items("E")
+    finally:
+        value = items = None  # the two functions refer to each other: free them (and the tokens) now
+    return document_items, errors
 
 
 MAX_SYNTAX_ERRORS = 10
@@ -564,18 +836,47 @@ def _syntax_errors(error: UnexpectedInput, text: str, path: str) -> list[Diagnos
             break
         lines[last.span.line - 1] = " " * len(faulty)
         attempt = "\n".join(lines)
-        try:
-            _parser().parse(attempt)
+        next_error = _lark_error(attempt)
+        if next_error is None:
             break
-        except UnexpectedInput as next_error:
-            token = getattr(next_error, "token", None)
-            if token is not None and token.type in ("RBRACE", "$END"):
-                break  # most likely a block left open by the blanked line: not a mistake of its own
-            diagnostic = _syntax_diagnostic(next_error, attempt, path)
-            if diagnostic.span.line <= last.span.line:
-                break  # no progress: what follows depends on what was blanked
-            found.append(diagnostic)
+        token = getattr(next_error, "token", None)
+        if token is not None and token.type in ("RBRACE", "$END"):
+            break  # most likely a block left open by the blanked line: not a mistake of its own
+        diagnostic = _syntax_diagnostic(next_error, attempt, path)
+        if diagnostic.span.line <= last.span.line:
+            break  # no progress: what follows depends on what was blanked
+        found.append(diagnostic)
     return found
+
+
+def _lark_error(text: str, starts: list[int] | None = None) -> UnexpectedInput | None:
+    """lark's error for `text`, None when the fast path or lark reads it.
+
+    lark is slow (8 s a megabyte) and only needs to read from shortly before the mistake: the fast
+    path reads the text exactly as lark does up to where it gives up, so every top-level item before
+    the one it gave up in is complete. The text lark is given has all of them but the last blanked
+    (spaces; line ends kept, so every position stays where it was): lark reaches the failing item in
+    the same parser state (after one complete item is the same state as after any number), so it
+    raises the same error at the same place, with the same state for the catalogue. Blanking is
+    only for lark's eyes: messages and hints read the text as written.
+    """
+    if starts is None:  # else the fast path has given up on this text, and found these starts
+        starts = []
+        try:
+            _parse_fast(text, "<check>", starts)
+            return None
+        except (_GiveUp, IndexError):
+            pass
+    cut = starts[-2] if len(starts) >= 2 else 0
+    blanked = _BLANK.sub(" ", text[:cut]) + text[cut:] if cut else text
+    try:
+        _parser().parse(blanked)
+    except UnexpectedInput as error:
+        return error
+    return None
+
+
+_BLANK = re.compile(r"[^\n]")
 
 
 def _balanced(line: str) -> bool:
