@@ -215,3 +215,28 @@ def test_a_hub_id_resolves_from_the_local_hf_cache_at_its_pinned_revision(tmp_pa
     engine = load_engine({"ref": "acme/tiny-chat"}, workers=1)
     [answer] = engine.generate([Generate(({"role": "user", "content": "Hello"},), (), Sampling(8, 0.0))])
     assert isinstance(answer, Generation)
+
+
+def test_a_1x1_grid_shows_the_base_tile_alone(vlm, images, tiny_models):
+    """LLaVA's `square` mode: with only the [tile, tile] pinpoint, an image is its base tile and a
+    newline, which is what plan counts (tokens per tile, + the newline HF adds)."""
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil)
+
+    from recipec.models.multimodal import LlavaOnevisionImages
+
+    config = vlm.model.config
+    saved = (config.image_grid_pinpoints, config.vision_aspect_ratio)
+    tile = config.vision_config.image_size
+    processor = LlavaOnevisionImageProcessorPil.from_pretrained(tiny.materialize("tiny://llava-onevision", tiny_models))
+    processor.image_grid_pinpoints = config.image_grid_pinpoints = [[tile, tile]]
+    try:
+        adapter = LlavaOnevisionImages(processor, config, vlm.tokenizer, max_tiles=1)
+        encoder = Encoder(vlm.tokenizer, adapter)
+        one = [encoder.encode([{"role": "user", "content": "<image>\nWhat?"}, {"role": "assistant", "content": "Red."}],
+                              [PILImage.open(img.path).convert("RGB")]) for img in images[:3]]
+        assert [e.image_tokens for e in one] == [(tile // config.vision_config.patch_size) ** 2 + 1] * 3
+        with torch.no_grad():
+            vlm.model(**encoder.collate(one, labels=True))  # raises when tokens and features differ
+    finally:
+        config.image_grid_pinpoints, config.vision_aspect_ratio = saved

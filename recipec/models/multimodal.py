@@ -73,19 +73,32 @@ class LlavaOnevisionImages(ImageAdapter):
         # reads the config. Setting it here keeps the token count and the features in step.
         config.vision_aspect_ratio = aspect
         self.strategy = config.vision_feature_select_strategy
+        size = image_processor.size
+        side = size.get("shortest_edge") or min(size["height"], size["width"])
+        # A 1x1 grid is LLaVA's `square` mode: the base tile alone. HF's anyres has no such mode
+        # (the pinpoint [tile, tile] still adds a tile beside the base), so such an image is shown
+        # as LLaVA-OneVision shows each of several images: its base tile and a newline.
+        self.single_tile = all(list(p) == [side, side] for p in image_processor.image_grid_pinpoints)
+        self.base_tokens = tokens_per_tile + 1 - (self.strategy == "default")
 
     def tokens_for(self, width: int, height: int) -> int:
+        """Image tokens of one image alone in its sample (anyres: base tile, tiles, newlines)."""
+        if self.single_tile:
+            return self.base_tokens
         size = self.image_processor.size
         side = size.get("shortest_edge") or min(size["height"], size["width"])
         n = self._counter._get_number_of_features(height, width, side, side)
         return n - 1 if self.strategy == "default" else n
 
+    def counts_for(self, sizes: Sequence[tuple[int, int]]) -> list[int]:
+        """Image tokens of each image of one sample, from the images' (width, height)."""
+        if len(sizes) == 1:
+            return [self.tokens_for(*sizes[0])]
+        return [self.base_tokens] * len(sizes)  # several images: each its base tile and a newline
+
     def prepare(self, images):
         out = self.image_processor(list(images), return_tensors="pt")
-        if len(images) == 1:
-            counts = [self.tokens_for(*images[0].size)]
-        else:  # LLaVA-OneVision shows each of several images as its base tile and a newline
-            counts = [self._counter.num_image_tokens + 1 - (self.strategy == "default")] * len(images)
+        counts = self.counts_for([img.size for img in images])
         return {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"], "images": len(images)}, counts
 
     def placeholder(self, tokens: int) -> str:
@@ -100,8 +113,13 @@ class LlavaOnevisionImages(ImageAdapter):
         pixels = [p["pixel_values"] for p in parts]
         most = max(x.shape[1] for x in pixels)
         padded = [torch.nn.functional.pad(x, (0, 0, 0, 0, 0, 0, 0, most - x.shape[1])) for x in pixels]
+        images = [p["images"] for p in parts]
+        if self.single_tile:
+            # HF tiles an image only when its sample holds exactly one (`batch_num_images` of 1):
+            # one entry larger than the batch's image count marks every image as one of several
+            images = [sum(images) + 1]
         return {"pixel_values": torch.cat(padded), "image_sizes": torch.cat([p["image_sizes"] for p in parts]),
-                "batch_num_images": torch.tensor([p["images"] for p in parts])}
+                "batch_num_images": torch.tensor(images)}
 
 
 class Qwen2VLImages(ImageAdapter):

@@ -68,11 +68,7 @@ class _Sizes(ImageAdapter):
         self.real = real
 
     def prepare(self, sizes):
-        if len(sizes) == 1:
-            return {}, [self.real.tokens_for(*sizes[0])]
-        # several images: LLaVA-OneVision shows each as its base tile and a newline (as the real adapter)
-        counter = self.real._counter
-        return {}, [counter.num_image_tokens + 1 - (self.real.strategy == "default")] * len(sizes)
+        return {}, self.real.counts_for(sizes)
 
     def placeholder(self, tokens: int) -> str:
         return self.real.placeholder(tokens)
