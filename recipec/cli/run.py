@@ -169,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
     ran = sum(not o.cached for o in result.outcomes)
     print(f"{len(result.outcomes)} step(s), {ran} run, {len(result.outcomes) - ran} cached, "
           f"in {result.seconds:.2f} s; outputs in {out_dir}")
+    for stage, folder in (report.get("run") or {}).get("checkpoints", {}).items():
+        print(f"  checkpoint of stage {stage}: {folder}")
     for warning in report.get("warnings") or ():
         _error(f"warning: {warning['message']}" if not args.strict else f"error (--strict): {warning['message']}")
     if args.strict and report.get("warnings"):

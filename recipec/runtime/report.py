@@ -200,6 +200,11 @@ def build_report(result: RunResult, store: Store, *, failure: Failure | None = N
     run = {"seconds": round(result.seconds, 3), "workers": result.workers, "store": str(store.root)}
     if recipe_file is not None:
         run["recipe_file"] = str(Path(recipe_file).absolute())
+    # each trained stage's checkpoint, where the store keeps it (from_pretrained loads the folder)
+    trained = {plan.steps[o.id].params["stage"]["name"]: str(store.path(o.key, "files/checkpoint"))
+               for o in result.outcomes if o.op == "train" and store.path(o.key, "files/checkpoint").is_dir()}
+    if trained:
+        run["checkpoints"] = trained
     return {
         "report_version": REPORT_VERSION,
         "recipe": recipe.name,
