@@ -66,3 +66,26 @@ def test_a_changed_data_file_and_a_missing_lock(project, tmp_path, capsys):
     text.write_text(text.read_text() + "\n")
     assert main(["run", str(project), "--store", store, "--locked", "--data-only", "-q"]) == 2
     assert f"source text: data file text/{text.name}: changed" in capsys.readouterr().err
+
+
+def test_diff_shows_what_changed_in_the_locks(project, tmp_path, capsys):
+    store = str(tmp_path / "store")
+    assert main(["lock", str(project), "--store", store]) == 0
+    other = project.with_name("other.recipe")
+    shutil.copy(project, other)
+    assert main(["lock", str(other), "--store", store]) == 0
+    assert main(["diff", str(project), str(other)]) == 0  # same meaning, same lock
+    capsys.readouterr()
+    data_file = next(p for p in (tmp_path / "captions").glob("*.jsonl"))
+    data_file.write_bytes(data_file.read_bytes() + b"\n")
+    assert main(["lock", str(other), "--store", store]) == 0
+    capsys.readouterr()
+    assert main(["diff", str(project), str(other)]) == 1  # the recipes mean the same; the data moved
+    out = capsys.readouterr().out
+    assert "equal in meaning" in out and "lock (1)" in out and f"captions/{data_file.name}: changed" in out
+    assert main(["diff", str(project), str(other), "--json"]) == 1
+    lock_lines = json.loads(capsys.readouterr().out)["lock"]
+    assert len(lock_lines) == 1 and "source captions" in lock_lines[0]
+    Path(str(other) + ".lock").unlink()
+    assert main(["diff", str(project), str(other), "--markdown"]) == 1
+    assert "the lock file is gone" in capsys.readouterr().out

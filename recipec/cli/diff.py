@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_ERROR
 
     diffs: list[RecipeDiff] = []
+    locks: list[list[str]] = []  # per pair, what changed between the recipes' lock files
     failed = False
     for a, b in pairs:
         result = _compare(a, b, args.root)
@@ -78,22 +79,68 @@ def run(args: argparse.Namespace) -> int:
             failed = True
         else:
             diffs.append(result)
+            locks.append(_lock_changes(a, b))
     if args.json:
-        data: Any = [d.to_json() for d in diffs] if args.sides and _is_revision_mode(args.sides) else \
-            (diffs[0].to_json() if diffs else None)
+        objects = [{**d.to_json(), "lock": lock} for d, lock in zip(diffs, locks)]
+        data: Any = objects if args.sides and _is_revision_mode(args.sides) else (objects[0] if objects else None)
         if data is not None:
             print(json_text(data))
     else:
         render = markdown if args.markdown else plain
         if not args.markdown and not args.no_color and sys.stdout.isatty():
             render = _rich
-        for index, d in enumerate(diffs):
+        for index, (d, lock) in enumerate(zip(diffs, locks)):
             if index:
                 print()
             render(d)
+            if lock:
+                sys.stdout.write(printable(_lock_text(lock, args.markdown), newlines=True))
     if failed:
         return EXIT_ERROR
-    return EXIT_DIFFER if any(not d.equal for d in diffs) else EXIT_EQUAL
+    return EXIT_DIFFER if any(not d.equal or lock for d, lock in zip(diffs, locks)) else EXIT_EQUAL
+
+
+# ---- lock files -----------------------------------------------------------------------------------
+
+
+def _lock_of(side: Side) -> dict[str, Any] | None:
+    """The lock file beside a side's recipe (`FILE.recipe.lock`), if it has one."""
+    from recipec.lockfile import lock_path
+
+    if side.path is None:
+        return None
+    path = lock_path(side.path)
+    try:
+        text = side.read(path) if side.read is not None else (_read_text(str(path)) if path.is_file() else None)
+    except (OSError, IncludeError, GitError, UsageError, ValueError):
+        return None
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {"unreadable": True}
+    return data if isinstance(data, dict) else {"unreadable": True}
+
+
+def _lock_changes(a: Side, b: Side) -> list[str]:
+    from recipec.lockfile import compare
+
+    old, new = _lock_of(a), _lock_of(b)
+    if old is None and new is None:
+        return []
+    if old is None or new is None:
+        return [f"the lock file is {'new' if old is None else 'gone'} ({b.label if old is None else a.label})"]
+    if old.get("unreadable") or new.get("unreadable"):
+        return ["a lock file is not valid JSON"] if old != new else []
+    return compare(old, new)
+
+
+def _lock_text(lines: list[str], markdown_mode: bool) -> str:
+    if markdown_mode:
+        fence = _md_fence([f"~ {line}" for line in lines])
+        return "\n".join([f"**lock ({len(lines)})**", "", f"{fence}diff", *(f"~ {line}" for line in lines), fence, ""]) + "\n"
+    return "\n".join(["", f"lock ({len(lines)})", *(f"  ~ {line}" for line in lines)]) + "\n"
 
 
 # ---- sides ----------------------------------------------------------------------------------------
