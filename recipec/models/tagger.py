@@ -22,18 +22,13 @@ PROMPT = "a photo of {}."
 class SiglipTagger:
     def __init__(self, model_dir: Path, identity: str, *, device: str | None = None, batch_size: int = 32,
                  threads: int | None = None):
-        import torch
-        import transformers
         from transformers import AutoTokenizer, SiglipModel
         from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-        transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
-        if threads:
-            torch.set_num_threads(threads)
-        self.torch = torch
+        from recipec.models.transformers_engine import quiet_torch
+
+        self.torch, self.device = quiet_torch(threads, device)
         self.identity = identity
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.batch_size = batch_size
         try:
             self.model = SiglipModel.from_pretrained(model_dir, use_safetensors=True).to(self.device).eval()

@@ -78,21 +78,28 @@ def weights_digest(folder: Path) -> str:
     return digest.hexdigest()[:32]
 
 
+def quiet_torch(threads: int | None, device: str | None) -> tuple[Any, str]:
+    """torch, and the device to use: transformers' progress bars and chatter off, threads set."""
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    if threads:
+        torch.set_num_threads(threads)
+    return torch, device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 class TransformersEngine:
     def __init__(self, model_dir: Path, identity: str, *, dtype: str = "bfloat16", device: str | None = None,
                  trust_remote_code: bool = False, batch_size: int | None = None, max_length: int | None = None,
                  threads: int | None = None):
-        import torch
         import transformers
         from transformers import AutoConfig, AutoTokenizer
 
-        transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
-        if threads:
-            torch.set_num_threads(threads)
+        torch, self.device = quiet_torch(threads, device)
         self.torch = torch
         self.identity = identity
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         # bf16 on a GPU; on a CPU float32, which is both faster there and exact for tests
         self.dtype = getattr(torch, DTYPES.get(dtype, "bfloat16")) if self.device != "cpu" else torch.float32
         self.batch_size = batch_size or (32 if self.device != "cpu" else 8)
