@@ -129,7 +129,7 @@ def test_training_settings_travel_with_the_export(tmp_path: Path, rows) -> None:
     assert args["mm_vision_tower_lr"] == 2e-6 and args["vision_tower"] == "google/siglip-so400m-patch14-384"
     assert data["data"] == {"llava_json": "s1.json", "image_folder": "images"}
     stage1 = export.llava_next_args({**TRAINING, "train": ["projector"], "grid": [1, 1], "max_tiles": None, "part_lr": {}})
-    assert stage1["mm_tunable_parts"] == "mm_mlp_adapter" and stage1["image_aspect_ratio"] == "pad"
+    assert stage1["mm_tunable_parts"] == "mm_mlp_adapter" and stage1["image_aspect_ratio"] == "square"
 
 
 def test_the_image_list_names_each_image_once(tmp_path: Path, rows) -> None:

@@ -265,7 +265,8 @@ def llava_next_args(t: dict[str, Any]) -> dict[str, Any]:
         "lr_scheduler_type": t.get("schedule"),
         "weight_decay": t.get("weight_decay"),
         "model_max_length": t.get("max_length"),
-        "image_aspect_ratio": "pad" if tuple(grid) == (1, 1) else f"anyres_max_{t.get('max_tiles') or grid[0] * grid[1]}",
+        # a 1x1 grid is one resized tile, as recipec trains it (`square`; `pad` would letterbox first)
+        "image_aspect_ratio": "square" if tuple(grid) == (1, 1) else f"anyres_max_{t.get('max_tiles') or grid[0] * grid[1]}",
         "image_grid_pinpoints": f"(1x1),...,({grid[0]}x{grid[1]})",
     }
     part_lr = t.get("part_lr") or {}
