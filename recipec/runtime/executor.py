@@ -184,7 +184,7 @@ class _Engines:
         self._key: str | None = None
         self._engine: Any = None
         self._cache: Any = None
-        self.used: dict[str, Any] = {}  # model ref -> its cached engine, for this step's counts
+        self.used: dict[str, tuple[str, Any]] = {}  # model ref -> (engine kind, its cached engine), for this step's counts
 
     def __call__(self, model_use: dict[str, Any]) -> Any:
         from recipec.models.cache import CachedEngine, RequestCache
@@ -198,7 +198,7 @@ class _Engines:
                 self._cache = RequestCache(self.store.requests_path)
             self._engine = engine if not hasattr(engine, "identity") else CachedEngine(engine, self._cache)
             self._key = key
-        self.used.setdefault(model_use.get("ref", "?"), self._engine)
+        self.used.setdefault(model_use.get("ref", "?"), (model_use.get("engine", "transformers"), self._engine))
         return self._engine
 
     def step_started(self) -> None:
@@ -209,8 +209,9 @@ class _Engines:
             self._engine.counts = Counts()
 
     def step_usage(self) -> dict[str, Any] | None:
-        """Per model the step used: engine identity, requests sent and answered from the cache, tokens."""
-        usage = {ref: {"identity": e.identity, **e.counts.as_dict()} for ref, e in self.used.items() if hasattr(e, "counts")}
+        """Per model the step used: engine, identity, requests sent and answered from the cache, tokens."""
+        usage = {ref: {"engine": kind, "identity": e.identity, **e.counts.as_dict()}
+                 for ref, (kind, e) in self.used.items() if hasattr(e, "counts")}
         return usage or None
 
     def close(self) -> None:
