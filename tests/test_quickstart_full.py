@@ -35,6 +35,8 @@ def test_the_whole_quickstart_runs_then_finds_everything_cached(tmp_path, model_
         assert step["records_in"] == step["records_out"] + sum(step["dropped"].values()), step["id"]
     models = {ref for s in steps.values() for ref in s.get("models", {})}
     assert models >= {"tiny://siglip-tagger", "tiny://llava-onevision", "tiny://qwen2-vl"}
+    usage = steps["synthesize.synthetic.questions"]["models"]["tiny://llava-onevision"]
+    assert usage["engine"] == "transformers" and usage["sent"] > 0 and usage["tokens_out"] > 0
     assert steps["tag_images.seed_tags"]["records_out"] == steps["ingest.seed"]["records_out"]
     assert steps["synthesize.synthetic.questions"]["records_out"] > 0
     assert {"train.s1", "train.s2a", "train.s2b", "train.s3"} <= set(steps)
