@@ -547,7 +547,8 @@ class StepWriter:
     def add_rejects(self, table: "pa.Table") -> None:
         self.rejects.append(self._parquet(f"rejects-{len(self.rejects):05d}.parquet", table))
 
-    def add_file(self, name: str, data: bytes) -> None:
+    def _file_path(self, name: str) -> tuple[str, Path]:
+        """The checked name of an artifact and where it goes in the step (its folders made)."""
         name = safe_artifact_name(name)
         if name in self._file_names:
             raise StoreError(f"two chunks carry a file named {name!r}")
@@ -555,6 +556,10 @@ class StepWriter:
         path = self.dir / "files" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         self._dirs.update(p for p in path.parents if p.is_relative_to(self.dir))
+        return name, path
+
+    def add_file(self, name: str, data: bytes) -> None:
+        name, path = self._file_path(name)
         with open(path, "wb") as f:
             f.write(data)
             f.flush()
@@ -563,13 +568,7 @@ class StepWriter:
 
     def move_file(self, name: str, source: Path) -> None:
         """Take a file the op wrote elsewhere (a checkpoint too large for memory) into the step."""
-        name = safe_artifact_name(name)
-        if name in self._file_names:
-            raise StoreError(f"two chunks carry a file named {name!r}")
-        self._file_names.add(name)
-        path = self.dir / "files" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._dirs.update(p for p in path.parents if p.is_relative_to(self.dir))
+        name, path = self._file_path(name)
         shutil.move(str(source), path)
         _fsync_file(path)
         self.files.append({"name": f"files/{name}", "bytes": path.stat().st_size, "sha256": file_sha256(path)})

@@ -27,16 +27,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from recipec.runtime.store import fsync_dir
+
 STATE = "state.json"
 COMPLETE = "COMPLETE"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -77,9 +71,9 @@ def save(folder: Path, step: int, *, trainable: dict[str, Any], optimizer: dict[
     _save_tensors(rng, tmp / "rng.safetensors")
     _write_json(tmp / STATE, state)
     (tmp / COMPLETE).write_text("")
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     os.rename(tmp, final)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     for older in folder.iterdir():
         if older.name.startswith("step-") and older != final:
             (older / "optimizer.safetensors").unlink(missing_ok=True)
