@@ -24,9 +24,9 @@ def smooth(seed: int, size: int = 128) -> Image.Image:
     return small.resize((size, size), Image.BICUBIC)
 
 
-def save(img: Image.Image, path: Path, fmt: str = "PNG") -> dict[str, Any]:
+def save(img: Image.Image, path: Path, fmt: str = "PNG", **options: Any) -> dict[str, Any]:
     buf = io.BytesIO()
-    img.save(buf, fmt)
+    img.save(buf, fmt, **options)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(buf.getvalue())
     return {"path": path.name, "sha256": hashlib.sha256(buf.getvalue()).hexdigest(), "width": img.width,
@@ -181,12 +181,7 @@ def test_chains_and_clusters_agree_when_pairs_are_isolated() -> None:
 
 
 def save_jpeg(img: Image.Image, path: Path, quality: int) -> dict[str, Any]:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(buf.getvalue())
-    return {"path": path.name, "sha256": hashlib.sha256(buf.getvalue()).hexdigest(), "width": img.width,
-            "height": img.height}
+    return save(img, path, "JPEG", quality=quality)
 
 
 @pytest.mark.parametrize("quality", [10, 30, 50, 75, 90, 95])
@@ -245,12 +240,7 @@ def save_tagged(img: Image.Image, path: Path, tag: str) -> dict[str, Any]:
 
     info = PngImagePlugin.PngInfo()
     info.add_text("copy", tag)
-    buf = io.BytesIO()
-    img.save(buf, "PNG", pnginfo=info)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(buf.getvalue())
-    return {"path": path.name, "sha256": hashlib.sha256(buf.getvalue()).hexdigest(), "width": img.width,
-            "height": img.height}
+    return save(img, path, pnginfo=info)
 
 
 def test_records_showing_the_same_image_are_not_near_duplicates(tmp_path: Path) -> None:

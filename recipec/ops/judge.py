@@ -24,8 +24,8 @@ from recipec.models.engine import IMAGE_PLACEHOLDER, Choose, RequestError
 from recipec.ops.base import Chunk, OperationError, StepContext
 from recipec.ops.collect import concat, emit
 from recipec.ops.cuts import OPS
-from recipec.ops.model_io import (ImageFolders, ask, engine_reject, fill, messages_of, reject, stamp, strip_images,
-                                  to_table, transcript, with_scores)
+from recipec.ops.model_io import (ImageFolders, ask_records, engine_reject, fill, messages_of, reject, stamp,
+                                  strip_images, to_table, transcript, with_scores)
 
 DEFAULT_RELEVANCE_PROMPT = ("Look at the image and the question below. Is the question clearly related to the content "
                             "of the image and answerable from it? Reply with \"yes\" or \"no\".\nQuestion: {question}")
@@ -46,18 +46,12 @@ def _prompt(template: str, record: dict[str, Any]) -> tuple[dict[str, str], ...]
 
 def _judge(ctx: StepContext, inputs: list[pa.Table], field: str, labels: tuple[str, ...], template: str,
            value_of) -> Iterator[Chunk]:
-    p = ctx.params
-    on = p.get("on")
-    condition = p.get("condition")
+    condition = ctx.params.get("condition")
     if condition is not None and condition["op"] not in OPS:
         raise OperationError(f"`{condition['verb']} {field}` compares with {', '.join(OPS)}, not `{condition['op']}`")
     rows = concat(inputs).to_pylist()
     folders = ImageFolders(ctx)
-    judged = [i for i, row in enumerate(rows) if on is None or row["source"] in on]
-    requests = [Choose(_prompt(template, rows[i]), labels, folders.images(rows[i])) for i in judged]
-    engine = ctx.engine(p["model"])
-    ctx.progress.total(len(requests))
-    verdicts = dict(zip(judged, ask(ctx, engine, "choose", requests)))
+    verdicts = ask_records(ctx, "choose", rows, lambda row: Choose(_prompt(template, row), labels, folders.images(row)))
     out, rejects = [], []
     for i, row in enumerate(rows):
         if i not in verdicts:
@@ -69,7 +63,8 @@ def _judge(ctx: StepContext, inputs: list[pa.Table], field: str, labels: tuple[s
             continue
         value = value_of(verdict)
         row = with_scores(row, **{field: value})
-        if condition is not None and not OPS[condition["op"]](value, condition["value"]) == (condition["verb"] == "keep"):
+        passes = condition is None or OPS[condition["op"]](value, condition["value"]) == (condition["verb"] == "keep")
+        if not passes:
             rejects.append(reject(row, f"threshold_{field}", f"{field} = {value:g}, rule `{condition['verb']} {field} "
                                                              f"{condition['op']} {condition['value']:g}`"))
             continue

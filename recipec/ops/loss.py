@@ -16,20 +16,14 @@ import pyarrow as pa
 from recipec.models.engine import Loss, RequestError
 from recipec.ops.base import Chunk, StepContext
 from recipec.ops.collect import concat, emit
-from recipec.ops.model_io import ImageFolders, ask, engine_reject, messages_of, stamp, to_table, with_scores
+from recipec.ops.model_io import ImageFolders, ask_records, engine_reject, messages_of, stamp, to_table, with_scores
 
 
 def run(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
-    p = ctx.params
-    field = p.get("field") or "loss"
-    on = p.get("on")
+    field = ctx.params.get("field") or "loss"
     rows = concat(inputs).to_pylist()
     folders = ImageFolders(ctx)
-    scored = [i for i, row in enumerate(rows) if on is None or row["source"] in on]
-    requests = [Loss(messages_of(rows[i]), folders.images(rows[i])) for i in scored]
-    engine = ctx.engine(p["model"])
-    ctx.progress.total(len(requests))
-    values = dict(zip(scored, ask(ctx, engine, "loss", requests)))
+    values = ask_records(ctx, "loss", rows, lambda row: Loss(messages_of(row), folders.images(row)))
     out, rejects = [], []
     for i, row in enumerate(rows):
         if i not in values:

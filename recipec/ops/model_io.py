@@ -94,6 +94,18 @@ def ask(ctx: StepContext, engine: Any, method: str, requests: Sequence[Any]) -> 
         yield from answers
 
 
+def ask_records(ctx: StepContext, method: str, rows: list[dict[str, Any]],
+                request_of: Callable[[dict[str, Any]], Any]) -> dict[int, Any]:
+    """The engine's answer for each record the step's `on` selects (all when None), by row number;
+    the rows it does not select get none and pass through the step untouched."""
+    on = ctx.params.get("on")
+    chosen = [i for i, row in enumerate(rows) if on is None or row["source"] in on]
+    requests = [request_of(rows[i]) for i in chosen]
+    engine = ctx.engine(ctx.params["model"])
+    ctx.progress.total(len(requests))
+    return dict(zip(chosen, ask(ctx, engine, method, requests)))
+
+
 def reject(record: dict[str, Any], reason: str, detail: str) -> Reject:
     return Reject(reason=reason, detail=detail, id=record.get("id") or "", source=record.get("source") or "",
                   origin=record.get("origin") or "", record=canonical_json(row_dict(record)))
