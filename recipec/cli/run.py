@@ -2,6 +2,7 @@
 
     recipec run FILE [--store DIR] [--out DIR] [--workers N] [--until STEP]... [--only STEP]
                      [--verify] [--quiet] [--debug]
+                     [--executor local|ray] [--address ADDR] [--gpus-per-actor G] [--actors N]
 
 --store   the content-addressed store (default $RECIPEC_STORE, else .recipec/store)
 --out     the outputs: per stage its data, rejects/, report.json, run.log (default out/<recipe name>)
@@ -10,6 +11,12 @@
 --only    run this step alone; its inputs must already be in the store
 --verify  check the sha256 of every cached output before trusting it
 --locked  refuse to start (exit 2) when anything FILE.lock pins drifted, naming each file
+--executor  local (default) or ray: the same plan, operations, keys and store, the steps' work
+          done on a Ray cluster (runtime/ray_executor.py); needs `pip install 'recipec[ray]'`
+--address   the Ray cluster to join (`auto`, `ray://HOST:10001`); without it, a local one on
+          this machine's cores
+--gpus-per-actor, --actors   per model step on Ray: the GPUs each engine actor holds, and how
+          many actors (default: one per GPU, else one per two CPUs)
 --strict  a stage short of its plan or empty, or a filter that drops every record it gets, is an
           error (exit 1) instead of a warning; either way it is in report.json's `warnings`
 
@@ -54,6 +61,12 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="refuse to run when a source, model or included file differs from FILE.lock")
     parser.add_argument("--strict", action="store_true",
                         help="exit 1 when a stage falls short of its plan or a filter empties its input")
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="where the steps run: this process (default) or a Ray cluster")
+    parser.add_argument("--address", metavar="ADDR", help="with --executor ray: the cluster to join (default: a local one)")
+    parser.add_argument("--gpus-per-actor", metavar="G", type=_fraction,
+                        help="with --executor ray: GPUs per model actor (may be a fraction)")
+    parser.add_argument("--actors", metavar="N", type=_positive, help="with --executor ray: model actors per step")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
 
@@ -68,6 +81,43 @@ def _positive(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must be zero or more")
+    return value
+
+
+def _executor(args: argparse.Namespace):
+    """`execute`, or the Ray executor's with its options; None (after saying why) when it cannot start."""
+    from recipec.runtime.executor import execute
+
+    ray_only = [flag for flag, value in (("--address", args.address), ("--gpus-per-actor", args.gpus_per_actor),
+                                         ("--actors", args.actors)) if value is not None]
+    if args.executor != "ray":
+        if ray_only:
+            _error(f"{', '.join(ray_only)} go(es) with --executor ray")
+            return None
+        return execute
+    from recipec.runtime.ray_executor import RayOptions, RayUnavailable, connect, execute_ray
+
+    options = RayOptions(address=args.address, gpus_per_actor=args.gpus_per_actor or 0.0, actors=args.actors,
+                         num_cpus=args.workers)
+    try:
+        connect(options)
+    except RayUnavailable as e:
+        _error(str(e))
+        return None
+
+    def run_on_ray(plan, **kwargs):
+        return execute_ray(plan, options=options, **kwargs)
+
+    return run_on_ray
+
+
 def _error(message: str) -> None:
     print(f"recipec run: {message}", file=sys.stderr)
 
@@ -78,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_ERROR
 
     from recipec.plan import build_plan
-    from recipec.runtime.executor import RunError, StepFailed, execute, select
+    from recipec.runtime.executor import RunError, StepFailed, select
     from recipec.runtime.lock import StoreInUse
     from recipec.runtime.progress import make_progress, print_summary
     from recipec.runtime.executor import RunResult, available_cores, resolve_step
@@ -110,6 +160,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         select(plan, args.until, args.only, args.data_only)  # a bad step name is refused before anything is touched
+        execute = _executor(args)  # Ray starts (or is joined) only for a run that can start
+        if execute is None:
+            return EXIT_ERROR
         with store.locked():
             out_dir.mkdir(parents=True, exist_ok=True)
             progress = OutcomeRecorder(make_progress(quiet=args.quiet))

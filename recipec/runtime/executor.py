@@ -185,6 +185,7 @@ class _Engines:
         self._engine: Any = None
         self._cache: Any = None
         self.used: dict[str, tuple[str, Any]] = {}  # model ref -> (engine kind, its cached engine), for this step's counts
+        self.remote: dict[str, dict[str, Any]] = {}  # model ref -> usage reported by engines in other processes
 
     def __call__(self, model_use: dict[str, Any]) -> Any:
         from recipec.models.cache import CachedEngine, RequestCache
@@ -203,6 +204,7 @@ class _Engines:
 
     def step_started(self) -> None:
         self.used = {}
+        self.remote = {}
         if hasattr(self._engine, "counts"):  # an engine kept from the previous step counts afresh
             from recipec.models.cache import Counts
 
@@ -212,7 +214,14 @@ class _Engines:
         """Per model the step used: engine, identity, requests sent and answered from the cache, tokens."""
         usage = {ref: {"engine": kind, "identity": e.identity, **e.counts.as_dict()}
                  for ref, (kind, e) in self.used.items() if hasattr(e, "counts")}
-        return usage or None
+        for ref, counts in self.remote.items():
+            usage[ref] = add_usage(usage.get(ref), counts)
+        return dict(sorted(usage.items())) if self.remote else usage or None
+
+    def add_remote(self, usage: Mapping[str, dict[str, Any]] | None) -> None:
+        """Counts of engines that ran this step's requests elsewhere (another executor's workers)."""
+        for ref, counts in (usage or {}).items():
+            self.remote[ref] = add_usage(self.remote.get(ref), counts)
 
     def close(self) -> None:
         engine, self._engine, self._key = self._engine, None, None
@@ -224,6 +233,26 @@ class _Engines:
         if self._cache is not None:
             self._cache.close()
             self._cache = None
+
+
+def add_usage(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
+    """Two engines' usage of one model added up: the numbers summed, errors by reason."""
+    if a is None:
+        return copy.deepcopy(b)
+    out = dict(a)
+    for name, value in b.items():
+        if isinstance(value, bool) or name in ("engine", "identity"):
+            out.setdefault(name, value)
+        elif isinstance(value, (int, float)):
+            out[name] = out.get(name, 0) + value
+        elif isinstance(value, dict):
+            merged = dict(out.get(name) or {})
+            for k, v in value.items():
+                merged[k] = merged.get(k, 0) + v
+            out[name] = dict(sorted(merged.items()))
+        else:
+            out.setdefault(name, value)
+    return out
 
 
 def _missing_ops_message(plan: Plan, selected: list[str], missing: list[str], operations: Mapping[str, Operation]) -> str:
@@ -266,6 +295,7 @@ def execute(
     verify: bool = False,
     progress: RunProgress | None = None,
     engines: Callable[..., Any] | None = None,
+    step_runner: Callable[..., "_StepRunner"] | None = None,
 ) -> RunResult:
     started = time.perf_counter()
     recipe_dir = Path(recipe_dir).absolute()
@@ -298,8 +328,8 @@ def execute(
 
         log.info("run of %s: %d step(s) selected, %d cached, %d to run, workers=%d, store=%s",
                  plan.recipe.name, len(selected), len(selected) - len(to_run), len(to_run), workers, store.root)
-        runner = _StepRunner(plan, store, keys, recipe_dir, workers, operations, progress,
-                             _Engines(engines or load_engine, workers, store, recipe_dir))
+        runner = (step_runner or _StepRunner)(plan, store, keys, recipe_dir, workers, operations, progress,
+                                              _Engines(engines or load_engine, workers, store, recipe_dir))
         runner.verify = verify
         outcomes: list[StepOutcome] = []
         progress.start(len(selected))
@@ -376,10 +406,7 @@ class _StepRunner:
         started = time.perf_counter()
         log.info("step %s (%s) running: key %s", step.id, step.op, key)
         operation = self.operations[step.op]
-        if getattr(operation, "streams", False):  # reads its inputs batch by batch: memory stays bounded
-            inputs = [self.store.open_records(self.keys[i], self.manifest_of(i)) for i in step.inputs]
-        else:  # gets whole tables (the model-backed ops, which model throughput bounds anyway)
-            inputs = [self.store.read_records(self.keys[i], self.manifest_of(i)) for i in step.inputs]
+        inputs = self.open_inputs(step, operation)
         input_rows = sum(int(t.num_rows) for t in inputs)
         step_progress = self.progress.step_started(step, position, input_rows if step.inputs else None)
         ctx = StepContext(
@@ -393,7 +420,7 @@ class _StepRunner:
         self.engines.step_started()
         try:
             tally = _Tally(step)
-            for chunk in operation(ctx, inputs):
+            for chunk in self.chunks(step, operation, ctx, inputs):
                 tally.write(chunk, writer)
                 step_progress.chunk_consumed(chunk.consumed)
             del inputs
@@ -428,6 +455,17 @@ class _StepRunner:
         log.info("step %s (%s) done in %.2f s: %d in, %d out, dropped %s", step.id, step.op, seconds,
                  outcome.records_in, outcome.records_out, outcome.dropped or "nothing")
         return outcome
+
+
+    def open_inputs(self, step: Step, operation: Operation) -> list[Any]:
+        if getattr(operation, "streams", False):  # reads its inputs batch by batch: memory stays bounded
+            return [self.store.open_records(self.keys[i], self.manifest_of(i)) for i in step.inputs]
+        # whole tables (the model-backed ops, which model throughput bounds anyway)
+        return [self.store.read_records(self.keys[i], self.manifest_of(i)) for i in step.inputs]
+
+    def chunks(self, step: Step, operation: Operation, ctx: Any, inputs: list[Any]) -> Any:
+        """The chunks of the step's output, in order: here, the operation run in this process."""
+        return operation(ctx, inputs)
 
 
 class _Tally:

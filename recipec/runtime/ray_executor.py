@@ -1,0 +1,627 @@
+"""Runs a plan on Ray Data: the local executor's run, with each step's chunks made on a Ray cluster.
+
+`execute_ray(plan, store=..., recipe_dir=..., options=RayOptions(...))` is `executor.execute` with
+another way of producing a step's chunks; everything else is the local executor's own code: the
+selection, the keys (early cutoff included), what is cached, the `_Tally` that checks the counts,
+the store's writer and commit, the manifests and the report. The store must be a path every node
+sees (a shared filesystem); the driver holds its lock and is the only one that commits steps.
+
+How a step runs (`PARTITIONED`, `WHOLE`, `ON_DRIVER`):
+
+* Row-local steps (a record's output depends on that record and the step's params only:
+  threshold, clean, judge_relevance, judge_score, score_loss, generate_answers) are cut into
+  partitions, contiguous ranges of input positions. The unchanged op runs on each partition in a
+  `map_batches` over a dataset of partition descriptors: stateless tasks (`num_cpus=0.5`) for the
+  data ops, an actor pool for the model ops, each actor holding one engine (the executor's
+  `load_engine` behind the store's request cache; `num_gpus` per actor when asked). A finished
+  partition's output (records, rejects, counts) is written atomically under the step's
+  `store.work_dir(key)/partitions/`, so a run killed mid-way keeps it and the next run computes
+  only the partitions missing. The driver then reads the partitions back in order and cuts them
+  into the chunks the local op would have yielded, so the stored step is byte-identical.
+
+  The ranges are ranges, not a hash of the record id, because byte identity needs them: the
+  local ops cut their output (and, for the data ops, group their rejects) by input batch, and an
+  engine's batches, whose padding and sampling seed shape what a model answers, are cut from the
+  op's request list in chunks of the engine's `chunk_size`. A partition therefore never straddles
+  an input batch (the stored input shards for a streaming op, 65,536-row slices for the others),
+  and a model step's partitions start at a multiple of `REQUEST_ALIGN` requests (every engine's
+  chunk size divides it), so each partition asks exactly the chunks the local run asks. The
+  boundaries depend only on the input, which the step's key fixes: a resumed run sees the same
+  partitions.
+
+* Global steps (dedup_exact, dedup_phash, percentile, mix) and the others that look across
+  records (collect, map_tags, tag_images, tag_instructions, generate_questions, merge_turns) and
+  ingest and export run their unchanged code as one Ray task on a worker, which writes the
+  chunks it yields under the step's work dir for the driver to store. Their decisions are
+  already made over compact per-record keys inside the ops; splitting the per-record work of the
+  dedups and the cuts across tasks is left for later.
+
+* train runs on the driver, with the same code as the local executor. Training across nodes is
+  `recipec train --emit torchrun|slurm`.
+
+Steps run one after the other, as in the local executor. Ray is imported here only; `recipec run`
+imports this module only for `--executor ray`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import shutil
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+from recipec.diagnostics import RecipecError
+from recipec.plan import MODEL_OPS, Plan, Step
+from recipec.runtime.executor import Operation, RunResult, _StepRunner, add_usage, execute
+from recipec.runtime.store import Store, atomic_write
+
+log = logging.getLogger("recipec.run")
+
+INSTALL_HINT = "pip install 'recipec[ray]'"
+REQUEST_ALIGN = 64  # request chunks of every engine divide it: transformers 16 (CPU) or 64 (GPU), others 64
+CHUNK_ROWS = 65_536  # collect.CHUNK_ROWS, without importing pyarrow at import time
+
+# op -> how the local op cuts its input and output:
+#   "shards": a streaming op reading each stored input shard as a batch, one chunk group per batch
+#   "rows":   an op over the concatenated input in CHUNK_ROWS slices, one chunk group per slice
+#   "emit":   a model op whose counts and rejects all ride on its first chunk
+PARTITIONED: dict[str, str] = {
+    "threshold": "shards",
+    "clean": "rows",
+    "judge_relevance": "emit",
+    "judge_score": "emit",
+    "score_loss": "emit",
+    "generate_answers": "emit",
+}
+ON_DRIVER = frozenset({"train"})
+
+
+class RayUnavailable(RecipecError):
+    """Ray is not installed, or its cluster cannot be reached: nothing was run."""
+
+
+@dataclass
+class RayOptions:
+    address: str | None = None  # a running cluster (`ray://host:10001`, `auto`); None: a local one
+    gpus_per_actor: float = 0.0  # per model actor
+    actors: int | None = None  # model actors per step (default: one per GPU, else one per two CPUs)
+    cpus_per_task: float = 0.5  # data tasks and model actors: fractional, so readers are never starved
+    partition_rows: int = CHUNK_ROWS  # at most, per partition of a data op
+    partition_requests: int = 4 * REQUEST_ALIGN  # per partition of a model op (rounded up to request_align)
+    request_align: int = REQUEST_ALIGN
+    num_cpus: int | None = None  # of the local cluster (default: the cores this process may use)
+
+
+# ---- the cluster --------------------------------------------------------------------------------
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise RayUnavailable(f"--executor ray needs Ray Data, which is not installed here ({e}); "
+                             f"install it with `{INSTALL_HINT}`") from None
+    return ray
+
+
+def connect(options: RayOptions) -> Any:
+    """ray.init: the cluster at `options.address`, else a quiet local one on this machine's cores."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return ray
+    from recipec.runtime.executor import available_cores
+
+    quiet = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False,
+             "configure_logging": True}
+    try:
+        if options.address:
+            ray.init(address=options.address, logging_level=logging.WARNING, log_to_driver=False)
+        else:
+            ray.init(num_cpus=options.num_cpus or available_cores(), **quiet)
+    except ConnectionError as e:
+        raise RayUnavailable(f"cannot reach the Ray cluster at {options.address!r}: {e}") from None
+    except Exception as e:  # ray raises several kinds for an address it cannot use
+        if options.address:
+            raise RayUnavailable(f"cannot reach the Ray cluster at {options.address!r}: "
+                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    return ray
+
+
+def execute_ray(plan: Plan, *, store: Store, recipe_dir: str | os.PathLike, options: RayOptions | None = None,
+                **kwargs: Any) -> RunResult:
+    """`executor.execute` with the steps' chunks made on Ray (see the module's docstring)."""
+    options = options or RayOptions()
+    connect(options)
+
+    def runner(*args: Any) -> _StepRunner:
+        return RayStepRunner(*args, options=options)
+
+    return execute(plan, store=store, recipe_dir=recipe_dir, step_runner=runner, **kwargs)
+
+
+# ---- what a worker needs to run a step ----------------------------------------------------------
+
+
+@dataclass
+class _Task:
+    """A step as a worker runs it: everything pickled, nothing that holds the driver's state."""
+
+    step: Step
+    operation: Operation
+    key: str
+    store_root: str
+    models_dir: str
+    recipe_dir: str
+    seed: int
+    workers: int
+    inputs: list[tuple[list[str], list[int]]]  # per input: its shard paths and their rows
+    input_dirs: list[str]
+
+    @property
+    def work_dir(self) -> Path:
+        return Store(self.store_root).work_dir(self.key)
+
+
+@dataclass
+class _Partition:
+    index: int
+    start: int  # input positions [start, stop) over the inputs concatenated
+    stop: int
+    requests_before: int = 0  # requests the local op asks for the records before `start` (model ops)
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.index:05d}-{self.start}-{self.stop}.pkl"
+
+
+@dataclass
+class _Outcome:
+    """What a worker hands back: counts and where its output lies; the data stay on disk."""
+
+    error: str | None = None  # "operation" (a message for the user) or "internal"
+    message: str = ""
+    trace: str = ""
+    usage: dict[str, Any] = field(default_factory=dict)
+
+
+def _context(task: _Task, engines: Any = None) -> Any:
+    from recipec.ops.base import StepContext
+
+    step = task.step
+    return StepContext(step_id=step.id, op=step.op, params=pickle.loads(pickle.dumps(step.params)),
+                       fingerprint=step.fingerprint, recipe_dir=Path(task.recipe_dir), seed=task.seed,
+                       workers=task.workers, log=logging.getLogger(f"recipec.ops.{step.op}"),
+                       engine=engines if step.op in MODEL_OPS else None,
+                       input_dirs=[Path(d) for d in task.input_dirs], work_dir=task.work_dir,
+                       models_dir=Path(task.models_dir))
+
+
+def _engines(task: _Task) -> Any:
+    from recipec.runtime.executor import _Engines, load_engine
+
+    store = Store(task.store_root)
+    store.models_dir = Path(task.models_dir)
+    return _Engines(load_engine, task.workers, store, Path(task.recipe_dir))
+
+
+def _stored_inputs(task: _Task) -> list[Any]:
+    from recipec.runtime.store import StoredTable
+
+    return [StoredTable([Path(p) for p in paths], rows) for paths, rows in task.inputs]
+
+
+def _failure(e: BaseException) -> _Outcome:
+    from recipec.ops.base import OperationError
+    from recipec.runtime.store import StoreError
+
+    if isinstance(e, (OperationError, StoreError)):
+        return _Outcome(error="operation", message=str(e))
+    return _Outcome(error="internal", message=f"{type(e).__name__}: {e}", trace=traceback.format_exc())
+
+
+class _Pickler(pickle.Pickler):
+    """Arrow tables go as Arrow IPC, with the spelling of their map types. Neither pickle nor IPC
+    keeps the name of a map's entries field: a `scores` column read from Parquet has entries named
+    `scores`, one built in memory `entries`, and the name is in the Parquet footer a step writes,
+    so a table must come back exactly as the op made it for the step's bytes to be the same."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        import pyarrow as pa
+
+        if isinstance(obj, pa.Table):
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, obj.schema) as writer:
+                writer.write_table(obj)
+            maps = {f.name: str(f.type) for f in obj.schema if pa.types.is_map(f.type)}
+            return _table_from_ipc, (sink.getvalue().to_pybytes(), maps)
+        return NotImplemented
+
+
+def _table_from_ipc(data: bytes, maps: dict[str, str]) -> Any:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.ipc.open_stream(data).read_all()
+    for name, spelled in maps.items():
+        index = table.schema.get_field_index(name)
+        field = table.schema.field(index)
+        if str(field.type) == spelled:
+            continue
+        # the other spelling is the one a Parquet reader gives: the entries named after the column
+        buffer = io.BytesIO()
+        pq.write_table(pa.table({name: pa.array([], field.type)}), buffer)
+        read = pq.read_schema(pa.BufferReader(buffer.getvalue())).field(name)
+        if str(read.type) != spelled:
+            raise RuntimeError(f"cannot give column {name} back its type {spelled} (got {field.type})")
+        table = table.set_column(index, field.with_type(read.type), table.column(name).cast(read.type))
+    return table
+
+
+def _write_pickle(path: Path, value: Any) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    atomic_write(path, buffer.getvalue())
+
+
+def _read_pickle(path: Path) -> Any:
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+# ---- a whole step as one task ---------------------------------------------------------------------
+
+
+def _run_whole(task: _Task) -> _Outcome:
+    """Run the op over all its inputs; each chunk it yields goes to work_dir/whole/, in order."""
+    done = task.work_dir / "whole"
+    tmp = task.work_dir / f"whole.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    engines = _engines(task) if task.step.op in MODEL_OPS else None
+    try:
+        ctx = _context(task, engines)
+        inputs = _stored_inputs(task)
+        if not getattr(task.operation, "streams", False):
+            inputs = [t.read() for t in inputs]
+        if engines is not None:
+            engines.step_started()
+        n = 0
+        for chunk in task.operation(ctx, inputs):
+            _write_pickle(tmp / f"chunk-{n:06d}.pkl", chunk)
+            n += 1
+        usage = (engines.step_usage() if engines is not None else None) or {}
+        _write_pickle(tmp / "outcome.pkl", {"chunks": n, "usage": usage})
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, Exception):
+            raise
+        return _failure(e)
+    finally:
+        if engines is not None:
+            engines.shutdown()
+    shutil.rmtree(done, ignore_errors=True)
+    os.rename(tmp, done)
+    return _Outcome(usage=usage)
+
+
+# ---- partitions ---------------------------------------------------------------------------------
+
+
+def _partition_input(task: _Task, part: _Partition) -> Any:
+    """The records at input positions [start, stop), read from the shards that hold them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recipec.ops.collect import concat
+
+    pieces = []
+    offset = 0
+    for paths, rows in task.inputs:
+        for path, n in zip(paths, rows):
+            lo, hi = max(part.start, offset), min(part.stop, offset + n)
+            if lo < hi:
+                table = pq.read_table(path, memory_map=True)
+                pieces.append(table.slice(lo - offset, hi - lo))
+            offset += n
+    return concat(pieces) if pieces else concat([])
+
+
+def _run_partition(task: _Task, part: _Partition, engines: Any = None) -> _Outcome:
+    """Run the op on one partition and keep its output under work_dir/partitions/ (atomically)."""
+    import pyarrow as pa
+
+    from recipec import records as schema
+
+    target = task.work_dir / "partitions" / part.name
+    if target.exists():  # finished by an earlier try of this task
+        return _Outcome()
+    try:
+        ctx = _context(task, engines)
+        if engines is not None:
+            engines.step_started()
+        table = _partition_input(task, part)
+        tables, rejects, consumed, skipped, files = [], [], 0, {}, {}
+        for chunk in task.operation(ctx, [table]):
+            if chunk.records is not None and chunk.records.num_rows:
+                tables.append(chunk.records if isinstance(chunk.records, pa.Table)
+                              else pa.Table.from_batches([chunk.records]))
+            rejects.extend(chunk.rejects)
+            consumed += chunk.consumed
+            for k, v in chunk.skipped.items():
+                skipped[k] = skipped.get(k, 0) + v
+            files.update(chunk.files)
+            files.update(chunk.file_paths)
+        if files:
+            raise RuntimeError(f"op {task.step.op} made files in a partition; it cannot run partitioned")
+        usage = (engines.step_usage() if engines is not None else None) or {}
+        if engines is not None:
+            for used in engines.used.values():
+                size = getattr(used[1], "chunk_size", None) or REQUEST_ALIGN
+                if part.requests_before % size:
+                    raise RuntimeError(f"partition {part.index} starts at request {part.requests_before}, not at a "
+                                       f"multiple of the engine's chunk size {size}: its batches would differ")
+        out = pa.concat_tables(tables) if tables else schema.empty_table()
+        _write_pickle(target, {"records": out, "rejects": rejects, "consumed": consumed, "skipped": skipped,
+                               "usage": usage})
+    except Exception as e:
+        return _failure(e)
+    return _Outcome(usage=usage)
+
+
+def _data_partitions(batch: dict[str, Any], task: _Task, parts: Sequence[_Partition]) -> dict[str, Any]:
+    """map_batches function of a data op: each row of the batch is one partition to run."""
+    return _run_batch(batch, task, parts, None)
+
+
+class _ModelPartitions:
+    """map_batches class of a model op: an actor holding one engine (loaded at its first request)."""
+
+    def __init__(self, task: _Task):
+        self.engines = _engines(task)
+
+    def __call__(self, batch: dict[str, Any], task: _Task, parts: Sequence[_Partition]) -> dict[str, Any]:
+        return _run_batch(batch, task, parts, self.engines)
+
+    def __del__(self) -> None:
+        try:
+            self.engines.shutdown()
+        except Exception:
+            pass
+
+
+def _run_batch(batch: dict[str, Any], task: _Task, parts: Sequence[_Partition], engines: Any) -> dict[str, Any]:
+    outcomes = [_run_partition(task, parts[int(i)], engines) for i in batch["index"]]
+    return {"index": list(batch["index"]), "outcome": [pickle.dumps(o) for o in outcomes]}
+
+
+# ---- the driver ---------------------------------------------------------------------------------
+
+
+class RayStepRunner(_StepRunner):
+    """The local executor's step runner, with the chunks made on Ray."""
+
+    def __init__(self, *args: Any, options: RayOptions):
+        super().__init__(*args)
+        self.options = options
+        self.ray = import_ray()
+
+    def open_inputs(self, step: Step, operation: Operation) -> list[Any]:
+        if step.op in ON_DRIVER:
+            return super().open_inputs(step, operation)
+        # the driver reads only the manifests; the workers read the shards
+        return [self.store.open_records(self.keys[i], self.manifest_of(i)) for i in step.inputs]
+
+    def chunks(self, step: Step, operation: Operation, ctx: Any, inputs: list[Any]) -> Iterator[Any]:
+        if step.op in ON_DRIVER:
+            yield from operation(ctx, inputs)
+            return
+        task = _Task(step=step, operation=operation, key=self.keys[step.id], store_root=str(self.store.root),
+                     models_dir=str(self.store.models_dir), recipe_dir=str(self.recipe_dir), seed=self.plan.recipe.seed,
+                     workers=1, inputs=[([str(p) for p in t.paths], list(t.rows)) for t in inputs],
+                     input_dirs=[str(self.store.step_dir(self.keys[i])) for i in step.inputs])
+        if step.op in PARTITIONED:
+            yield from self._partitioned(task, inputs, ctx)
+        else:
+            yield from self._whole(task, ctx)
+
+    # -- one task ---------------------------------------------------------------------------------
+
+    def _whole(self, task: _Task, ctx: Any) -> Iterator[Any]:
+        done = task.work_dir / "whole"
+        if not (done / "outcome.pkl").exists():  # else finished by a run killed before it stored the step
+            model = task.step.op in MODEL_OPS
+            # a data op parallelises inside (ctx.workers) and runs alone; a model op is bound by its engine
+            task.workers = 1 if model else max(1, min(self.workers, int(self._cluster_cpus())))
+            cpus = self.options.cpus_per_task if model else float(task.workers)
+            remote = self.ray.remote(_run_whole).options(
+                num_cpus=cpus, num_gpus=self.options.gpus_per_actor if model else 0, max_retries=0)
+            outcome = self.ray.get(remote.remote(task))
+            self._raise(task.step, outcome)
+        summary = _read_pickle(done / "outcome.pkl")
+        self.engines.add_remote(summary["usage"])
+        for n in range(summary["chunks"]):
+            yield _read_pickle(done / f"chunk-{n:06d}.pkl")
+
+    # -- partitions -------------------------------------------------------------------------------
+
+    def _partitioned(self, task: _Task, inputs: list[Any], ctx: Any) -> Iterator[Any]:
+        style = PARTITIONED[task.step.op]
+        batches = _input_batches(style, inputs)
+        if style == "emit":
+            parts = self._model_partitions(task, inputs)
+        else:
+            parts = _split(batches, self.options.partition_rows)
+        folder = task.work_dir / "partitions"
+        folder.mkdir(parents=True, exist_ok=True)
+        todo = [p for p in parts if not (folder / p.name).exists()]
+        log.info("step %s (%s) on Ray: %d partition(s), %d to run", task.step.id, task.step.op, len(parts), len(todo))
+        if todo:
+            self._run_partitions(task, parts, todo)
+        yield from _merge(style, parts, batches, folder, self.engines)
+
+    def _model_partitions(self, task: _Task, inputs: list[Any]) -> list[_Partition]:
+        """Ranges whose requests start at multiples of the alignment: the chunks the local op asks."""
+        per_record = _requests_per_record(task.step, inputs)
+        align = self.options.request_align
+        size = max(align, align * math.ceil(self.options.partition_requests / align))
+        parts: list[_Partition] = []
+        start, asked, count = 0, 0, 0
+        for position, n in enumerate(per_record):
+            if count >= size and asked % align == 0:
+                parts.append(_Partition(len(parts), start, position, asked - count))
+                start, count = position, 0
+            asked += n
+            count += n
+        total = len(per_record)
+        if total > start or not parts:
+            parts.append(_Partition(len(parts), start, total, asked - count))
+        return parts
+
+    def _run_partitions(self, task: _Task, parts: list[_Partition], todo: list[_Partition]) -> None:
+        import ray.data
+
+        model = task.step.op in MODEL_OPS
+        ds = ray.data.from_items([{"index": p.index} for p in todo], override_num_blocks=len(todo))
+        common = {"batch_size": 1, "batch_format": "numpy", "fn_kwargs": {"task": task, "parts": parts},
+                  "num_cpus": self.options.cpus_per_task}
+        if model:
+            actors = self.options.actors or self._default_actors()
+            ds = ds.map_batches(_ModelPartitions, fn_constructor_kwargs={"task": task},
+                                concurrency=max(1, min(actors, len(todo))), num_gpus=self.options.gpus_per_actor or None,
+                                **common)
+        else:
+            ds = ds.map_batches(_data_partitions, **common)
+        failures: list[tuple[int, _Outcome]] = []
+        for row in ds.iter_rows():
+            outcome = pickle.loads(row["outcome"])  # counts and usage are read back with the partitions
+            if outcome.error:
+                failures.append((int(row["index"]), outcome))
+        if failures:
+            index, outcome = min(failures, key=lambda f: f[0])
+            done = len(todo) - len(failures)
+            log.info("step %s: %d of %d partition(s) finished before the failure", task.step.id, done, len(todo))
+            self._raise(task.step, outcome, where=f"partition {index}")
+
+    def _default_actors(self) -> int:
+        resources = self.ray.cluster_resources()
+        if self.options.gpus_per_actor:
+            return max(1, int(resources.get("GPU", 0) // self.options.gpus_per_actor))
+        return max(1, int(resources.get("CPU", 1) // 2))
+
+    def _cluster_cpus(self) -> float:
+        return float(self.ray.cluster_resources().get("CPU", 1))
+
+    def _raise(self, step: Step, outcome: _Outcome, where: str = "") -> None:
+        from recipec.ops.base import OperationError
+
+        if not outcome.error:
+            return
+        prefix = f"{where}: " if where else ""
+        if outcome.error == "operation":
+            raise OperationError(prefix + outcome.message)
+        log.error("step %s (%s) failed on a Ray worker:\n%s", step.id, step.op, outcome.trace)
+        raise RuntimeError(prefix + outcome.message)
+
+
+def _input_batches(style: str, inputs: Sequence[Any]) -> list[tuple[int, int]]:
+    """The local op's input batches as position ranges over the inputs concatenated."""
+    total = sum(int(t.num_rows) for t in inputs)
+    if style == "shards":
+        out, offset = [], 0
+        for t in inputs:
+            for n in t.rows:
+                if n:
+                    out.append((offset, offset + n))
+                offset += n
+        return out
+    if style == "rows":
+        return [(a, min(a + CHUNK_ROWS, total)) for a in range(0, total, CHUNK_ROWS)]
+    return [(0, total)] if total else []
+
+
+def _split(batches: list[tuple[int, int]], rows: int) -> list[_Partition]:
+    """Partitions of at most `rows`, none straddling an input batch."""
+    parts: list[_Partition] = []
+    for lo, hi in batches:
+        for a in range(lo, hi, max(1, rows)):
+            parts.append(_Partition(len(parts), a, min(a + rows, hi)))
+    return parts or [_Partition(0, 0, 0)]
+
+
+def _requests_per_record(step: Step, inputs: Sequence[Any]) -> list[int]:
+    """How many requests the local op asks for each input record, in order (from the source column)."""
+    if step.op == "generate_answers":
+        per = len(step.params["styles"])
+        return [per] * sum(int(t.num_rows) for t in inputs)
+    on = step.params.get("on")
+    out: list[int] = []
+    for t in inputs:
+        if on is None:
+            out.extend([1] * int(t.num_rows))
+            continue
+        for batch in t.batches(["source"]):
+            out.extend(1 if s in on else 0 for s in batch.column("source").to_pylist())
+    return out
+
+
+def _merge(style: str, parts: list[_Partition], batches: list[tuple[int, int]], folder: Path,
+           engines: Any) -> Iterator[Any]:
+    """The partitions' outputs as the chunks the local op yields (see the module's docstring)."""
+    from recipec.ops.collect import Rebatcher
+
+    out = Rebatcher()
+
+    def load(part: _Partition) -> dict[str, Any]:
+        result = _read_pickle(folder / part.name)
+        engines.add_remote(result.get("usage"))
+        return result
+
+    if style == "emit":
+        results = [load(p) for p in parts]
+        consumed = sum(r["consumed"] for r in results)
+        rejects = [x for r in results for x in r["rejects"]]
+        skipped: dict[str, int] = {}
+        for r in results:
+            for k, v in r["skipped"].items():
+                skipped[k] = skipped.get(k, 0) + v
+        first = True
+        for r in results:
+            yield from out.add(r["records"], consumed=consumed if first else 0, rejects=rejects if first else (),
+                               skipped=skipped if first else None)
+            first = False
+        if first:  # no partition at all
+            yield from out.add(None)
+    else:
+        by_batch: dict[int, list[_Partition]] = {}
+        for part in parts:
+            k = next((i for i, (lo, hi) in enumerate(batches) if lo <= part.start < hi), 0)
+            by_batch.setdefault(k, []).append(part)
+        import pyarrow as pa
+
+        for k in sorted(by_batch):
+            results = [load(p) for p in by_batch[k]]
+            tables = [r["records"] for r in results if r["records"].num_rows]
+            table = pa.concat_tables(tables) if len(tables) > 1 else tables[0] if tables else None
+            skipped = {}
+            for r in results:
+                for name, v in r["skipped"].items():
+                    skipped[name] = skipped.get(name, 0) + v
+            yield from out.add(table, consumed=sum(r["consumed"] for r in results),
+                               rejects=[x for r in results for x in r["rejects"]], skipped=skipped)
+    yield from out.finish()
