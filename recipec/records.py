@@ -11,6 +11,7 @@ import hashlib
 import json
 from typing import Any
 
+import orjson
 import pyarrow as pa
 
 IMAGE = pa.struct([
@@ -63,12 +64,25 @@ def record_id(source: str, images: list[dict[str, Any]], conversations: list[dic
     `copy` tells apart records of one source with the same content: the first has copy 0 (and the
     id of the content alone), the next copy 1, and so on in input order, so ids stay unique.
     """
+    content: dict[str, Any] = {"conversations": [[t["from"], t["value"]] for t in conversations]}
+    if copy:
+        content["copy"] = copy
+    content["images"] = [i["sha256"] for i in images]
+    content["source"] = source
+    try:  # keys in sorted order: orjson writes the same bytes as `_content_json`, several times faster
+        payload = orjson.dumps(content)
+    except TypeError:  # what orjson refuses (a lone surrogate, a huge int): json.dumps decides
+        payload = _content_json(source, images, conversations, copy).encode("utf-8")
+    return hashlib.sha256(payload).hexdigest()[:32]
+
+
+def _content_json(source: str, images: list[dict[str, Any]], conversations: list[dict[str, str]], copy: int) -> str:
+    """The canonical JSON of a record's content: the definition `record_id` hashes."""
     content: dict[str, Any] = {"source": source, "images": [i["sha256"] for i in images],
                                "conversations": [[t["from"], t["value"]] for t in conversations]}
     if copy:
         content["copy"] = copy
-    payload = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
+    return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def text_of(conversations: list[dict[str, str]]) -> str:

@@ -313,3 +313,94 @@ def test_same_output_for_any_number_of_workers(tmp_path: Path, images: Path) -> 
     two = run(tmp_path, source(), workers=2)
     assert one[0].equals(two[0])
     assert [(r.origin, r.reason, r.detail) for r in one[1]] == [(r.origin, r.reason, r.detail) for r in two[1]]
+
+
+def test_blocks_prepared_in_workers_give_the_same_records_in_order(tmp_path: Path, images: Path) -> None:
+    """Several blocks of lines, prepared in worker processes, with everything that depends on the
+    records before it: copies numbered across blocks, an id reused blocks later, images."""
+    (images / "shared.png").write_bytes(png(8, 8, seed=7))
+    n = ingest.BLOCK * 2 + 300
+    lines: list[dict | str] = []
+    for i in range(n):
+        if i % 500 == 3:
+            lines.append('{"id": "broken%d", "conversations": [' % i)
+        elif i % 700 == 5:
+            lines.append("")
+        elif i % 400 == 9:
+            lines.append({"id": f"r{i}", "image": "shared.png", "conversations": qa(question=f"Q{i}")})
+        elif i % 1000 == 11:
+            lines.append({"id": "r0", "conversations": qa(question="reused id", images=0)})
+        else:  # every 600th line repeats the content of line 1
+            q = "same" if i % 600 == 1 else f"Q{i}"
+            lines.append({"id": f"r{i}", "loss": i / 10, "conversations": qa(question=q, images=0)})
+    lines.append('{"id": 123456789012345678901234567890, "conversations": %s}' % json.dumps(qa(images=0)))
+    write_lines(tmp_path / "data" / "a.jsonl", lines)
+
+    one = run(tmp_path, source(), workers=1)
+    two = run(tmp_path, source(), workers=2)
+    assert one[0].equals(two[0])
+    assert [(r.origin, r.reason, r.detail, r.record) for r in one[1]] == \
+        [(r.origin, r.reason, r.detail, r.record) for r in two[1]]
+    table, rejects, consumed = two
+    assert consumed == n - len([i for i in range(n) if i % 700 == 5 and i % 500 != 3]) + 1
+    reasons = [r.reason for r in rejects]
+    assert reasons.count("json_malformed") == len([i for i in range(n) if i % 500 == 3])
+    assert reasons.count("duplicate_id") == len([i for i in range(n) if i % 1000 == 11 and i % 400 != 9
+                                                 and i % 500 != 3 and i % 700 != 5])
+    origins = table.column("origin").to_pylist()
+    assert origins == sorted(origins, key=lambda o: int(o.split(":")[1].split()[0]))  # input order
+    rows = table.to_pylist()
+    same = [r for r in rows if r["conversations"][0]["value"] == "same"]
+    assert [r["id"] for r in same] == [
+        records.record_id("src", [], same[0]["conversations"], copy=k) for k in range(len(same))]
+    shared = [r for r in rows if r["images"]]
+    assert len(shared) == len([i for i in range(n) if i % 400 == 9 and i % 500 != 3 and i % 700 != 5])
+    assert len({r["id"] for r in shared}) == len(shared)  # same image, different questions
+    assert rows[-1]["source_id"] == "123456789012345678901234567890"  # past 64 bits, kept exactly
+    assert dict(rows[0]["scores"]) == {"loss": 0.0}
+
+
+@pytest.mark.parametrize("line", [
+    b'{"id": 1e400, "conversations": []}', b'{"a": NaN}', b'{"id": "x", "v": "\\ud800"}', b'\xef\xbb\xbf{"id": 1}',
+    b'{"id": 12345678901234567890123}', b'[1, 2]', b'{"a": 1} {"b": 2}', b'{"id": "\xff"}', b'  {"id": 7}\r\n',
+    b'{"id": 1.5, "scores": {"x": 1e308}}', b'{"id": "a", "id": "b"}', b'{"text": "tab\there"}',
+])
+def test_the_fast_json_reader_reads_as_the_standard_library_does(line: bytes) -> None:
+    fast = list(ingest._jsonl_line(line, "f:1"))
+    slow = list(ingest._jsonl_line_stdlib(line, "f:1"))
+    assert [(r.origin, r.text, repr(r.value), r.problem and (r.problem.reason, r.problem.detail)) for r in fast] == \
+        [(r.origin, r.text, repr(r.value), r.problem and (r.problem.reason, r.problem.detail)) for r in slow]
+
+
+def test_the_one_pass_check_accepts_only_what_the_full_checks_accept() -> None:
+    from hypothesis import given, settings, strategies as st
+
+    src = ingest.ir.Source.model_validate(source(data_type="mixed"))
+    plain = ingest.ir.Source.model_validate(source())
+    text = st.sampled_from(["", "<image>", "<image>\nQ", "a", "\ud800", "<image><image>"])
+    turn = st.fixed_dictionaries({"from": st.sampled_from(["human", "gpt", "system", 1]), "value": text | st.none()})
+    value = st.fixed_dictionaries({}, optional={
+        "image": st.sampled_from(["a.png", 1, ["a.png", "b.png"], [], [1], {"path": "x"}]) | st.none(),
+        "images": st.sampled_from([["a.png"], "a.png", [], None]),
+        "conversations": st.lists(turn, max_size=4) | st.sampled_from([None, "x", {}]),
+        "data_type": st.sampled_from(["ocr", "nope", 3, None]),
+        "image_tags": st.sampled_from([["t"], "t", [1], None, ["\ud800"]]),
+        "loss": st.sampled_from([1, 2.5, True, float("inf"), "1", None]),
+        "scores": st.sampled_from([{"a": 1}, {"a": "x"}, [], None, {"b": float("nan")}]),
+    })
+
+    @settings(max_examples=3000, deadline=None)
+    @given(value, st.booleans(), st.booleans())
+    def check(record: dict[str, Any], mixed: bool, utf8: bool) -> None:
+        s = src if mixed else plain
+        if utf8 and any("\ud800" in json.dumps(record, ensure_ascii=False, default=str) for _ in [0]):
+            utf8 = False  # the flag is only ever set for text orjson read, which has no lone surrogates
+        fast = ingest._plain_candidate(record, s, "o", "t", utf8)
+        try:
+            full = ingest._candidate(record, s, "o", "t")
+        except ingest._Bad:
+            assert fast is None
+            return
+        assert fast is None or fast == full
+
+    check()

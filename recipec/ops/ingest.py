@@ -51,14 +51,19 @@ recipe's `dedup` steps (`exact_duplicate`, `near_duplicate`), and a recipe witho
 Their recipec ids stay unique: the second copy of a content in a source gets `record_id(..., copy=1)`,
 the third `copy=2`, in input order.
 
-Image inspection (a full decode of every image) is the slow part: it runs in `ctx.workers`
-processes, over blocks of records cut at fixed positions and reassembled in order, so the output
-never depends on the number of workers.
+Work is cut into blocks of BLOCK items at fixed positions and reassembled in order, so the output
+never depends on the number of workers. Parsing (orjson for JSON Lines), validation and the
+content id of a record without images run per block in `ctx.workers` processes; numbering copies and
+spotting reused ids, which depend on the records before, run in input order in the step's process.
+Image inspection (a full decode of every image, the slow part when there are images) runs in
+`ctx.workers` processes too, once per distinct image of recent blocks.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import gc
 import glob
 import hashlib
 import itertools
@@ -73,6 +78,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import orjson
 import pyarrow as pa
 
 from recipec import ir, records
@@ -110,6 +116,7 @@ class _Raw:
     text: str
     value: Any = None
     problem: _Bad | None = None  # set when the item could not even be parsed
+    utf8: bool = False  # its strings are known to be valid UTF-8 (orjson refuses lone surrogates)
 
 
 @dataclass
@@ -136,21 +143,20 @@ def run(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
     recipe_dir = Path(ctx.recipe_dir)
     folder = image_root(source)
     root = _resolve(recipe_dir, folder) if folder else None
-    raws = _read(source, recipe_dir)
-    with _Inspector(root, source.max_pixels, ctx.workers) as inspector:
+    with _Inspector(root, source.max_pixels, ctx.workers) as inspector, \
+            _Preparer(source, ctx.step_id, ctx.workers) as preparer:
         assembler = _Assembler(source, ctx.step_id)
         out = Rebatcher()
-        pending: collections.deque[tuple[list[_Candidate | Reject], _Results]] = collections.deque()
-        for block in _blocks(raws, BLOCK):
-            items = [_validate(raw, source) for raw in block]
-            paths = [p for item in items if isinstance(item, _Candidate) for p in item.image_paths]
-            pending.append((items, inspector.submit(paths)))
-            if len(pending) > 1:  # one block in flight while the next is parsed
-                items, results = pending.popleft()
-                yield from _rechunk(out, assembler.chunk(items, results()))
+        pending: collections.deque[tuple[_Prepared, _Results]] = collections.deque()
+        for prepared in preparer.prepare(_blocks_of(source, recipe_dir)):
+            paths = [p for candidate in prepared.candidates for p in candidate.image_paths]
+            pending.append((prepared, inspector.submit(paths)))
+            if len(pending) > 1:  # one block's images in flight while the next is prepared
+                prepared, results = pending.popleft()
+                yield from _rechunk(out, assembler.chunk(prepared, results()))
         while pending:
-            items, results = pending.popleft()
-            yield from _rechunk(out, assembler.chunk(items, results()))
+            prepared, results = pending.popleft()
+            yield from _rechunk(out, assembler.chunk(prepared, results()))
         yield from out.finish()
 
 
@@ -160,6 +166,174 @@ run.streams = True  # type: ignore[attr-defined]
 def _rechunk(out: Rebatcher, chunk: Chunk) -> Iterator[Chunk]:
     """Blocks gathered into output chunks of CHUNK_ROWS records (fewer, larger shards)."""
     return out.add(chunk.records, consumed=chunk.consumed, rejects=chunk.rejects)
+
+
+# ---- preparing blocks ---------------------------------------------------------------------------
+#
+# Everything a record needs that does not depend on the records before it (parsing, validation,
+# the content id of a record without images, the Arrow row) is done per block, in `ctx.workers`
+# processes when there are several. What does depend on them (numbering copies, spotting a reused
+# id) and the images' results are then applied in input order by `_Assembler`, so the output is
+# the same for any number of workers.
+
+_ROW, _CANDIDATE, _REJECT = 0, 1, 2
+
+
+@dataclass
+class _Prepared:
+    """One block of input items, prepared: each item is a row, a candidate or a reject (`kinds`)."""
+
+    kinds: bytes
+    rows: pa.Table  # the items with no images, in records.SCHEMA; `id` is their content id (copy 0)
+    texts: list[str]  # per row, the item's text (for a duplicate_id reject)
+    candidates: list[_Candidate]  # the items with images, which are inspected before they become rows
+    rejects: list[Reject]
+
+
+@dataclass
+class _Lines:
+    """A block of lines of a JSON Lines file, read but not parsed: parsing is a worker's job."""
+
+    lines: list[bytes]
+    shown: str
+    first: int  # the 1-based number of the first line
+    id_key: str
+
+
+def _blocks_of(source: ir.Source, recipe_dir: Path) -> Iterator[_Lines | list[_Raw | _Candidate]]:
+    """The source's items in blocks of at most BLOCK: raw lines of a JSON Lines file, else items."""
+    if source.format in ("llava_jsonl", "llava_json"):
+        for path in _matches(source, recipe_dir):
+            if path.is_dir():
+                raise OperationError(f"source `{source.name}`: {_shown(path, recipe_dir)} is a folder, "
+                                     f"not a {source.format} file")
+            shown = _shown(path, recipe_dir)
+            if source.format == "llava_json" and _is_array(path):
+                yield from _blocks(_json_file(path, shown), BLOCK)
+                continue
+            with open(path, "rb") as f:
+                number = 1
+                while lines := list(itertools.islice(f, BLOCK)):
+                    yield _Lines(lines, shown, number, source.columns.get("id", "id"))
+                    number += len(lines)
+        return
+    yield from _blocks(_read(source, recipe_dir), BLOCK)
+
+
+def _is_array(path: Path) -> bool:
+    """Whether a .json file holds an array (else it is read as JSON Lines), as `_json_file` decides."""
+    with open(path, "rb") as f:
+        text = ""
+        while more := f.read(1 << 16):
+            text = (text + more.decode("utf-8", "surrogateescape")).lstrip("\ufeff")
+            pos = _skip_ws(text, 0)
+            if pos < len(text):
+                return text.startswith("[", pos)
+            text = ""
+    return False
+
+
+def _prepare(block: _Lines | list[_Raw | _Candidate], source: ir.Source, step_id: str) -> _Prepared:
+    with _fewer_collections():
+        return _prepare_block(block, source, step_id)
+
+
+@contextlib.contextmanager
+def _fewer_collections() -> Iterator[None]:
+    """The cyclic garbage collector less often: a block allocates a few containers per record, none
+    of them in cycles, and the default thresholds spend a third of the time scanning them."""
+    thresholds = gc.get_threshold()
+    gc.set_threshold(max(thresholds[0], 100_000), *thresholds[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+
+
+def _prepare_block(block: _Lines | list[_Raw | _Candidate], source: ir.Source, step_id: str) -> _Prepared:
+    if isinstance(block, _Lines):
+        block = [raw for number, line in enumerate(block.lines, start=block.first)
+                 for raw in _jsonl_line(line, f"{block.shown}:{number}", block.id_key)]
+    kinds = bytearray()
+    columns: dict[str, list[Any]] = {name: [] for name in records.SCHEMA.names}
+    ids, origins, turns, categories, types, image_tags, instruction_tags, scores, source_ids = (
+        columns["id"], columns["origin"], columns["conversations"], columns["category"], columns["data_type"],
+        columns["image_tags"], columns["instruction_tags"], columns["scores"], columns["source_id"])
+    texts: list[str] = []
+    candidates: list[_Candidate] = []
+    rejects: list[Reject] = []
+    name = source.name
+    for raw in block:
+        item = _validate(raw, source)
+        if isinstance(item, Reject):
+            kinds.append(_REJECT)
+            rejects.append(item)
+        elif item.image_paths:
+            kinds.append(_CANDIDATE)
+            candidates.append(item)
+        else:
+            kinds.append(_ROW)
+            ids.append(records.record_id(name, [], item.conversations))
+            origins.append(item.origin)
+            turns.append(item.conversations)
+            categories.append(item.category)
+            types.append(item.data_type)
+            image_tags.append(item.image_tags)
+            instruction_tags.append(item.instruction_tags)
+            scores.append(sorted(item.scores.items()))
+            source_ids.append(item.source_id)
+            texts.append(item.text)
+    n = len(ids)
+    columns["source"] = [name] * n
+    columns["images"] = [[]] * n
+    columns["provenance"] = [[step_id]] * n
+    return _Prepared(bytes(kinds), pa.Table.from_pydict(columns, schema=records.SCHEMA), texts, candidates, rejects)
+
+
+_SOURCES: dict[str, ir.Source] = {}
+
+
+def _prepare_in_worker(block: _Lines | list[_Raw | _Candidate], source_json: str, step_id: str) -> _Prepared:
+    source = _SOURCES.get(source_json)
+    if source is None:
+        source = _SOURCES[source_json] = ir.Source.model_validate_json(source_json)
+    return _prepare(block, source, step_id)
+
+
+class _Preparer:
+    """Prepares blocks in order: inline with one worker, else in a process pool, a few blocks ahead."""
+
+    def __init__(self, source: ir.Source, step_id: str, workers: int):
+        self.source = source
+        self.step_id = step_id
+        self.workers = max(1, workers)
+        self.pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> "_Preparer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def prepare(self, blocks: Iterator[_Lines | list[_Raw | _Candidate]]) -> Iterator[_Prepared]:
+        # the first blocks inline: starting processes costs more than a small source takes
+        for block in itertools.islice(blocks, 1 if self.workers > 1 else None):
+            yield _prepare(block, self.source, self.step_id)
+        first = next(blocks, None)
+        if first is None:
+            return
+        blocks = itertools.chain([first], blocks)
+        # spawn: safe whatever the parent holds (threads, a GPU context)
+        self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"))
+        source_json = self.source.model_dump_json()
+        ahead: collections.deque[Any] = collections.deque()
+        for block in blocks:
+            ahead.append(self.pool.submit(_prepare_in_worker, block, source_json, self.step_id))
+            if len(ahead) > 2 * self.workers:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
 
 
 class _Seen:
@@ -208,44 +382,80 @@ class _Assembler:
         self.copies = _Seen()  # content ids -> records of that content so far
         self.own_ids = _Seen()  # the data set's ids (a digest) -> the origin of the record that has it
 
-    def chunk(self, items: list[_Candidate | Reject], images: dict[str, Any]) -> Chunk:
-        rows: list[dict[str, Any]] = []
+    def chunk(self, prepared: _Prepared, images: dict[str, Any]) -> Chunk:
+        """The block's records and rejects, in input order, once its images are inspected."""
+        rows = prepared.rows
+        ids = rows.column("id").to_pylist()
+        origins = rows.column("origin").to_pylist()
+        source_ids = rows.column("source_id").to_pylist()
+        kept: list[int] = []  # rows of `rows`, then of the candidates' rows (offset by len(rows))
+        candidate_rows: list[dict[str, Any]] = []
         rejects: list[Reject] = []
-        for item in items:
-            if isinstance(item, Reject):
-                rejects.append(item)
-                continue
-            infos = []
-            failed: tuple[str, str] | None = None
-            for path in item.image_paths:
-                result = images[path]
-                if isinstance(result, tuple):
-                    failed = result
-                    break
-                infos.append(result)
-            if failed:
-                rejects.append(self.reject(item, *failed))
-                continue
-            image_dicts = [{"path": i.path, "sha256": i.sha256, "width": i.width, "height": i.height} for i in infos]
-            if item.source_id is not None:
-                key = hashlib.blake2b(item.source_id.encode("utf-8"), digest_size=16).digest()
-                times, first = self.own_ids.seen(key, item.origin)
-                if times:
-                    where = f"record at {first}" if first is not None else "an earlier record of the source"
-                    rejects.append(self.reject(item, "duplicate_id", f"id {item.source_id!r} is already the id of the "
-                                               f"{where}"))
+        row = candidate = reject = 0
+        for kind in prepared.kinds:
+            if kind == _REJECT:
+                rejects.append(prepared.rejects[reject])
+                reject += 1
+            elif kind == _ROW:
+                i, row = row, row + 1
+                duplicate = self.duplicate_id(source_ids[i], origins[i])
+                if duplicate:
+                    rejects.append(Reject(reason="duplicate_id", detail=duplicate, source=self.source.name,
+                                          origin=origins[i], record=prepared.texts[i]))
                     continue
-            content = records.record_id(self.source.name, image_dicts, item.conversations)
-            copy, _ = self.copies.seen(bytes.fromhex(content))
-            rid = records.record_id(self.source.name, image_dicts, item.conversations, copy=copy) if copy else content
-            rows.append({
-                "id": rid, "source": self.source.name, "origin": item.origin, "images": image_dicts,
-                "conversations": item.conversations, "category": item.category, "data_type": item.data_type,
-                "image_tags": item.image_tags, "instruction_tags": item.instruction_tags,
-                "scores": sorted(item.scores.items()), "provenance": [self.step_id], "source_id": item.source_id,
-            })
-        table = pa.Table.from_pylist(rows, schema=records.SCHEMA)
-        return Chunk(records=table, rejects=rejects, consumed=len(items))
+                copy, _ = self.copies.seen(bytes.fromhex(ids[i]))
+                if copy:
+                    turns = rows.column("conversations")[i].as_py()
+                    ids[i] = records.record_id(self.source.name, [], turns, copy=copy)
+                kept.append(i)
+            else:
+                item, candidate = prepared.candidates[candidate], candidate + 1
+                built = self.candidate_row(item, images, rejects)
+                if built is not None:
+                    kept.append(len(ids) + len(candidate_rows))
+                    candidate_rows.append(built)
+        table = rows.set_column(0, records.SCHEMA.field("id"), pa.array(ids, pa.string()))
+        if candidate_rows:
+            table = pa.concat_tables([table, pa.Table.from_pylist(candidate_rows, schema=records.SCHEMA)])
+        if kept != list(range(table.num_rows)):
+            table = table.take(pa.array(kept, pa.int64()))
+        return Chunk(records=table, rejects=rejects, consumed=len(prepared.kinds))
+
+    def duplicate_id(self, source_id: str | None, origin: str) -> str | None:
+        """Why a record is a duplicate_id reject, or None: its data set id was an earlier record's."""
+        if source_id is None:
+            return None
+        key = hashlib.blake2b(source_id.encode("utf-8"), digest_size=16).digest()
+        times, first = self.own_ids.seen(key, origin)
+        if not times:
+            return None
+        where = f"record at {first}" if first is not None else "an earlier record of the source"
+        return f"id {source_id!r} is already the id of the {where}"
+
+    def candidate_row(self, item: _Candidate, images: dict[str, Any], rejects: list[Reject]) -> dict[str, Any] | None:
+        """A record with images as a row, or None after adding its reject."""
+        image_dicts = []
+        for path in item.image_paths:
+            result = images[path]
+            if isinstance(result, tuple):
+                rejects.append(self.reject(item, *result))
+                return None
+            image_dicts.append({"path": result.path, "sha256": result.sha256, "width": result.width,
+                                "height": result.height})
+        duplicate = self.duplicate_id(item.source_id, item.origin)
+        if duplicate:
+            rejects.append(self.reject(item, "duplicate_id", duplicate))
+            return None
+        name = self.source.name
+        content = records.record_id(name, image_dicts, item.conversations)
+        copy, _ = self.copies.seen(bytes.fromhex(content))
+        return {
+            "id": records.record_id(name, image_dicts, item.conversations, copy=copy) if copy else content,
+            "source": name, "origin": item.origin, "images": image_dicts, "conversations": item.conversations,
+            "category": item.category, "data_type": item.data_type, "image_tags": item.image_tags,
+            "instruction_tags": item.instruction_tags, "scores": sorted(item.scores.items()),
+            "provenance": [self.step_id], "source_id": item.source_id,
+        }
 
     def reject(self, item: _Candidate, reason: str, detail: str, rid: str = "") -> Reject:
         return Reject(reason=reason, detail=detail, id=rid, source=self.source.name, origin=item.origin,
@@ -315,9 +525,26 @@ def _jsonl_file(path: Path, shown: str) -> Iterator[_Raw]:
             yield from _jsonl_line(line, f"{shown}:{number}")
 
 
-def _jsonl_line(line: bytes, origin: str) -> Iterator[_Raw]:
+def _jsonl_line(line: bytes, origin: str, id_key: str = "id") -> Iterator[_Raw]:
     if not line.strip():
         return  # a blank line is not a record
+    # orjson parses several times faster; whatever it refuses goes the stdlib way below, so what is
+    # accepted, and the message of what is not, stay as they were. It reads an integer past 64 bits
+    # as a float, which matters only for the record's own id: such a record is read again.
+    try:
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        pass
+    else:
+        if not (type(value) is dict and type(value.get(id_key)) is float):
+            yield _Raw(origin, line.decode("utf-8").strip(), value, utf8=True)
+            return
+    yield from _jsonl_line_stdlib(line, origin)
+
+
+def _jsonl_line_stdlib(line: bytes, origin: str) -> Iterator[_Raw]:
+    if not line.strip():
+        return
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -549,11 +776,90 @@ def _validate(item: _Raw | _Candidate, source: ir.Source) -> _Candidate | Reject
             source_id = str(own_id)
             _check_text(source_id, "the record's `id`")
             origin = f"{origin} id={own_id}"
-        candidate = _candidate(value, source, origin, item.text)
+        candidate = None
+        if not source.columns and source.format != "image_folder":
+            candidate = _plain_candidate(value, source, origin, item.text, item.utf8)
+        if candidate is None:
+            candidate = _candidate(value, source, origin, item.text)
         candidate.source_id = source_id
         return candidate
     except _Bad as bad:
         return Reject(reason=bad.reason, detail=bad.detail, source=source.name, origin=origin, record=item.text)
+
+
+def _plain_candidate(value: dict[str, Any], source: ir.Source, origin: str, text: str, utf8: bool) -> _Candidate | None:
+    """A record in the common shape, checked in one pass; None when anything in it is unusual, and
+    then `_candidate`'s checks, one after the other, decide and say exactly what is wrong. It
+    accepts only what `_candidate` accepts, with the same result."""
+    image, images = value.get("image"), value.get("images")
+    if images is None:
+        if image is None:
+            paths = []
+        elif type(image) is str:
+            paths = [image]
+        elif type(image) is list and all(type(p) is str for p in image):
+            paths = list(image)
+        else:
+            return None
+    elif image is None and type(images) is list and all(type(p) is str for p in images):
+        paths = list(images)
+    else:
+        return None
+    turns = value.get("conversations")
+    if type(turns) is not list or not turns or len(turns) % 2:
+        return None
+    conversations = []
+    asked = 0
+    for i, turn in enumerate(turns):
+        if type(turn) is not dict:
+            return None
+        who, said = turn.get("from"), turn.get("value")
+        if type(said) is not str or who != (records.ASSISTANT if i % 2 else records.USER):
+            return None
+        if records.IMAGE_TOKEN in said:
+            if i % 2:
+                return None
+            asked += said.count(records.IMAGE_TOKEN)
+        conversations.append({"from": who, "value": said})
+    if asked != len(paths):
+        return None
+    given = value.get("data_type")
+    if type(given) is str and given in ir.DATA_TYPES:
+        data_type = given
+    elif source.data_type == "mixed":
+        return None
+    else:
+        data_type = source.data_type
+    tags = []
+    for key in ("image_tags", "instruction_tags"):
+        listed = value.get(key)
+        if listed is None:
+            tags.append([])
+        elif type(listed) is list and all(type(t) is str for t in listed):
+            tags.append(list(listed))
+        else:
+            return None
+    if not utf8 and not all(_is_utf8(t) for t in [*paths, *(t["value"] for t in turns), *tags[0], *tags[1]]):
+        return None
+    scores = {}
+    for key, number in value.items():
+        if (type(number) is float or type(number) is int) and key not in _KNOWN_FIELDS and math.isfinite(number):
+            scores[key] = float(number)
+    listed = value.get("scores")
+    if listed is not None:
+        if type(listed) is not dict:
+            return None
+        scores.update({k: float(v) for k, v in listed.items() if isinstance(k, str) and _is_number(v)})
+    return _Candidate(origin=origin, text=text, image_paths=paths, conversations=conversations, data_type=data_type,
+                      category=source.category, image_tags=tags[0], instruction_tags=tags[1], scores=scores)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _kind(value: Any) -> str:
@@ -690,7 +996,12 @@ def _strings(value: dict[str, Any], key: str) -> list[str]:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def _scores(value: dict[str, Any], source: ir.Source) -> dict[str, float]:
