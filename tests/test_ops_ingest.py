@@ -404,3 +404,17 @@ def test_the_one_pass_check_accepts_only_what_the_full_checks_accept() -> None:
         assert fast is None or fast == full
 
     check()
+
+
+def test_seen_in_bulk_counts_as_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ingest._Seen, "RECENT", 64)  # merges into the sorted array happen often
+    rng = np.random.default_rng(5)
+    keys = [int(k).to_bytes(2, "big") * 8 for k in rng.integers(0, 300, size=3000)]
+    values = [f"v{i}" for i in range(len(keys))]
+    one, bulk = ingest._Seen(), ingest._Seen()
+    expected = [one.seen(k, v) for k, v in zip(keys, values)]
+    got = []
+    for start in range(0, len(keys), 37):
+        got.extend(bulk.seen_all(keys[start:start + 37], values[start:start + 37]))
+    assert got == expected
+    assert sum(t == 0 for t, _ in got) == len(set(keys))

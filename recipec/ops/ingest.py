@@ -339,12 +339,13 @@ class _Preparer:
 class _Seen:
     """How many times each 16-byte key was seen, in bounded memory: a sorted numpy array of the keys
     (16 bytes each) plus a dict of recent ones (merged in when it grows), and a count for the keys
-    seen more than once. `recent` values ride along (the origin of an id) until merged."""
+    seen more than once. `recent` values ride along (the origin of an id) until merged. The array
+    is of raw bytes (V16): numpy's S16 drops trailing zero bytes, which a digest has one time in 256."""
 
     RECENT = 1 << 18
 
     def __init__(self) -> None:
-        self.old = np.zeros(0, dtype="S16")
+        self.old = np.zeros(0, dtype="V16")
         self.recent: dict[bytes, Any] = {}
         self.again: dict[bytes, int] = {}
 
@@ -359,18 +360,59 @@ class _Seen:
             return 1, self.recent[key]
         if len(self.old):
             at = int(np.searchsorted(self.old, key))
-            if at < len(self.old) and self.old[at] == key:
+            if at < len(self.old) and self.old[at].tobytes() == key:
                 self.again[key] = 2
                 return 1, None
         self.recent[key] = value
         if len(self.recent) >= self.RECENT:
-            fresh = np.sort(np.array(list(self.recent), dtype="S16"))
+            fresh = np.sort(np.array(list(self.recent), dtype="V16"))
             self.old = np.insert(self.old, np.searchsorted(self.old, fresh), fresh)
             self.recent = {}
         return 0, None
 
+    def seen_all(self, keys: list[bytes], values: list[Any] | None = None) -> list[tuple[int, Any]]:
+        """`seen` for each key in order. Keys new to this `_Seen` and unique in `keys` (nearly all of
+        them) are recorded in bulk; only the others go through `seen` one by one."""
+        values = values if values is not None else [None] * len(keys)
+        if len(self.recent) + len(keys) >= self.RECENT:  # a merge falls inside: exactly as one by one
+            return [self.seen(k, v) for k, v in zip(keys, values)]
+        unique = set(keys)
+        special = self.recent.keys() & unique  # a key in `again` is also in `recent` or `old`
+        special.update(self._in_old(keys))
+        if len(unique) != len(keys):
+            special.update(k for k, n in collections.Counter(keys).items() if n > 1)
+        if not special:
+            self.recent.update(zip(keys, values))
+            return [(0, None)] * len(keys)
+        out = []
+        for k, v in zip(keys, values):
+            if k in special:
+                out.append(self.seen(k, v))
+            else:
+                self.recent[k] = v
+                out.append((0, None))
+        return out
+
+    def _in_old(self, keys: list[bytes]) -> list[bytes]:
+        if not len(self.old) or not keys:
+            return []
+        wanted = np.array(keys, dtype="V16")
+        at = np.minimum(np.searchsorted(self.old, wanted), len(self.old) - 1)
+        return [keys[i] for i in np.flatnonzero(self.old[at] == wanted).tolist()]
+
 
 _Results = Callable[[], dict[str, Any]]  # path -> ImageInfo | (reason, detail), once ready
+
+
+def _images_of(item: _Candidate, images: dict[str, Any]) -> tuple[list[dict[str, Any]], tuple[str, str] | None]:
+    """A candidate's images as record fields, or the (reason, detail) of the first that failed."""
+    found = []
+    for path in item.image_paths:
+        result = images[path]
+        if isinstance(result, tuple):
+            return [], result
+        found.append({"path": result.path, "sha256": result.sha256, "width": result.width, "height": result.height})
+    return found, None
 
 
 class _Assembler:
@@ -384,78 +426,75 @@ class _Assembler:
 
     def chunk(self, prepared: _Prepared, images: dict[str, Any]) -> Chunk:
         """The block's records and rejects, in input order, once its images are inspected."""
-        rows = prepared.rows
+        rows, name = prepared.rows, self.source.name
         ids = rows.column("id").to_pylist()
         origins = rows.column("origin").to_pylist()
         source_ids = rows.column("source_id").to_pylist()
-        kept: list[int] = []  # rows of `rows`, then of the candidates' rows (offset by len(rows))
-        candidate_rows: list[dict[str, Any]] = []
-        rejects: list[Reject] = []
+        rejects: list[tuple[int, Reject]] = []  # (item's position, its reject)
+        # the items that may become records, in order: (position, row of `rows` | candidate, its images)
+        alive: list[tuple[int, Any, list[dict[str, Any]] | None]] = []
         row = candidate = reject = 0
-        for kind in prepared.kinds:
+        for position, kind in enumerate(prepared.kinds):
             if kind == _REJECT:
-                rejects.append(prepared.rejects[reject])
+                rejects.append((position, prepared.rejects[reject]))
                 reject += 1
             elif kind == _ROW:
-                i, row = row, row + 1
-                duplicate = self.duplicate_id(source_ids[i], origins[i])
-                if duplicate:
-                    rejects.append(Reject(reason="duplicate_id", detail=duplicate, source=self.source.name,
-                                          origin=origins[i], record=prepared.texts[i]))
-                    continue
-                copy, _ = self.copies.seen(bytes.fromhex(ids[i]))
-                if copy:
-                    turns = rows.column("conversations")[i].as_py()
-                    ids[i] = records.record_id(self.source.name, [], turns, copy=copy)
-                kept.append(i)
+                alive.append((position, row, None))
+                row += 1
             else:
-                item, candidate = prepared.candidates[candidate], candidate + 1
-                built = self.candidate_row(item, images, rejects)
-                if built is not None:
-                    kept.append(len(ids) + len(candidate_rows))
-                    candidate_rows.append(built)
+                item = prepared.candidates[candidate]
+                candidate += 1
+                image_dicts, failed = _images_of(item, images)
+                if failed:
+                    rejects.append((position, self.reject(item, *failed)))
+                else:
+                    alive.append((position, item, image_dicts))
+
+        # a data set id seen before: the first record keeps it
+        own = [(k, source_ids[what] if dicts is None else what.source_id) for k, (_, what, dicts) in enumerate(alive)]
+        own = [(k, sid) for k, sid in own if sid is not None]
+        found = self.own_ids.seen_all(
+            [hashlib.blake2b(sid.encode("utf-8"), digest_size=16).digest() for _, sid in own],
+            [origins[alive[k][1]] if alive[k][2] is None else alive[k][1].origin for k, _ in own])
+        reused = set()
+        for (k, sid), (times, first) in zip(own, found):
+            if times:
+                reused.add(k)
+                where = f"record at {first}" if first is not None else "an earlier record of the source"
+                detail = f"id {sid!r} is already the id of the {where}"
+                position, what, dicts = alive[k]
+                rejects.append((position, self.reject(what, "duplicate_id", detail) if dicts is not None else
+                                Reject(reason="duplicate_id", detail=detail, source=name, origin=origins[what],
+                                       record=prepared.texts[what])))
+        survivors = [a for k, a in enumerate(alive) if k not in reused] if reused else alive
+
+        # copies of one content numbered in input order
+        contents = [ids[what] if dicts is None else records.record_id(name, dicts, what.conversations)
+                    for _, what, dicts in survivors]
+        copies = self.copies.seen_all([bytes.fromhex(c) for c in contents])
+        kept: list[int] = []  # rows of `rows`, then of the candidates' rows (offset by len(rows))
+        candidate_rows: list[dict[str, Any]] = []
+        for (_, what, dicts), content, (copy, _) in zip(survivors, contents, copies):
+            if dicts is None:
+                if copy:
+                    ids[what] = records.record_id(name, [], rows.column("conversations")[what].as_py(), copy=copy)
+                kept.append(what)
+            else:
+                kept.append(len(ids) + len(candidate_rows))
+                candidate_rows.append({
+                    "id": records.record_id(name, dicts, what.conversations, copy=copy) if copy else content,
+                    "source": name, "origin": what.origin, "images": dicts, "conversations": what.conversations,
+                    "category": what.category, "data_type": what.data_type, "image_tags": what.image_tags,
+                    "instruction_tags": what.instruction_tags, "scores": sorted(what.scores.items()),
+                    "provenance": [self.step_id], "source_id": what.source_id,
+                })
         table = rows.set_column(0, records.SCHEMA.field("id"), pa.array(ids, pa.string()))
         if candidate_rows:
             table = pa.concat_tables([table, pa.Table.from_pylist(candidate_rows, schema=records.SCHEMA)])
         if kept != list(range(table.num_rows)):
             table = table.take(pa.array(kept, pa.int64()))
-        return Chunk(records=table, rejects=rejects, consumed=len(prepared.kinds))
-
-    def duplicate_id(self, source_id: str | None, origin: str) -> str | None:
-        """Why a record is a duplicate_id reject, or None: its data set id was an earlier record's."""
-        if source_id is None:
-            return None
-        key = hashlib.blake2b(source_id.encode("utf-8"), digest_size=16).digest()
-        times, first = self.own_ids.seen(key, origin)
-        if not times:
-            return None
-        where = f"record at {first}" if first is not None else "an earlier record of the source"
-        return f"id {source_id!r} is already the id of the {where}"
-
-    def candidate_row(self, item: _Candidate, images: dict[str, Any], rejects: list[Reject]) -> dict[str, Any] | None:
-        """A record with images as a row, or None after adding its reject."""
-        image_dicts = []
-        for path in item.image_paths:
-            result = images[path]
-            if isinstance(result, tuple):
-                rejects.append(self.reject(item, *result))
-                return None
-            image_dicts.append({"path": result.path, "sha256": result.sha256, "width": result.width,
-                                "height": result.height})
-        duplicate = self.duplicate_id(item.source_id, item.origin)
-        if duplicate:
-            rejects.append(self.reject(item, "duplicate_id", duplicate))
-            return None
-        name = self.source.name
-        content = records.record_id(name, image_dicts, item.conversations)
-        copy, _ = self.copies.seen(bytes.fromhex(content))
-        return {
-            "id": records.record_id(name, image_dicts, item.conversations, copy=copy) if copy else content,
-            "source": name, "origin": item.origin, "images": image_dicts, "conversations": item.conversations,
-            "category": item.category, "data_type": item.data_type, "image_tags": item.image_tags,
-            "instruction_tags": item.instruction_tags, "scores": sorted(item.scores.items()),
-            "provenance": [self.step_id], "source_id": item.source_id,
-        }
+        rejects.sort(key=lambda r: r[0])
+        return Chunk(records=table, rejects=[r for _, r in rejects], consumed=len(prepared.kinds))
 
     def reject(self, item: _Candidate, reason: str, detail: str, rid: str = "") -> Reject:
         return Reject(reason=reason, detail=detail, id=rid, source=self.source.name, origin=item.origin,
