@@ -119,11 +119,14 @@ def connect(options: RayOptions) -> Any:
 
     quiet = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False,
              "configure_logging": True}
+    if options.address:
+        _check_reachable(options.address)
     try:
         if options.address:
             ray.init(address=options.address, logging_level=logging.WARNING, log_to_driver=False)
         else:
             ray.init(num_cpus=options.num_cpus or available_cores(), **quiet)
+            logging.getLogger("ray").setLevel(logging.ERROR)
     except ConnectionError as e:
         raise RayUnavailable(f"cannot reach the Ray cluster at {options.address!r}: {e}") from None
     except Exception as e:  # ray raises several kinds for an address it cannot use
@@ -137,6 +140,22 @@ def connect(options: RayOptions) -> Any:
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     return ray
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a cluster address nothing answers at (ray.init would wait minutes for it)."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayUnavailable(f"--address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise RayUnavailable(f"cannot reach the Ray cluster at {address!r}: {e.strerror or e}") from None
 
 
 def execute_ray(plan: Plan, *, store: Store, recipe_dir: str | os.PathLike, options: RayOptions | None = None,
@@ -378,7 +397,7 @@ def _run_partition(task: _Task, part: _Partition, engines: Any = None) -> _Outco
                                        f"multiple of the engine's chunk size {size}: its batches would differ")
         out = pa.concat_tables(tables) if tables else schema.empty_table()
         _write_pickle(target, {"records": out, "rejects": rejects, "consumed": consumed, "skipped": skipped,
-                               "usage": usage})
+                               "usage": usage, "input_schema": str(table.schema)})
     except Exception as e:
         return _failure(e)
     return _Outcome(usage=usage)
@@ -580,6 +599,23 @@ def _requests_per_record(step: Step, inputs: Sequence[Any]) -> list[int]:
     return out
 
 
+def _one_spelling(tables: list[Any], input_spellings: set[str | None]) -> list[Any]:
+    """The partitions of one input batch in the spelling of their types the local op gives the batch.
+
+    Field names inside types (a list's `item` or `element`) are the op's business: one that
+    rewrites a column (provenance) where a partition touches some row gives the batch its own
+    spelling, and the local op, which sees the whole batch, gives it to every row of it.
+    """
+    spellings = {str(t.schema) for t in tables}
+    if len(spellings) <= 1:
+        return tables
+    rewritten = spellings - input_spellings
+    if len(rewritten) != 1:
+        raise RuntimeError(f"the partitions of one batch came out in {len(spellings)} different schemas")
+    target = next(t.schema for t in tables if str(t.schema) in rewritten)
+    return [t if str(t.schema) in rewritten else t.cast(target) for t in tables]
+
+
 def _merge(style: str, parts: list[_Partition], batches: list[tuple[int, int]], folder: Path,
            engines: Any) -> Iterator[Any]:
     """The partitions' outputs as the chunks the local op yields (see the module's docstring)."""
@@ -616,7 +652,8 @@ def _merge(style: str, parts: list[_Partition], batches: list[tuple[int, int]], 
 
         for k in sorted(by_batch):
             results = [load(p) for p in by_batch[k]]
-            tables = [r["records"] for r in results if r["records"].num_rows]
+            tables = _one_spelling([r["records"] for r in results if r["records"].num_rows],
+                                   {r.get("input_schema") for r in results})
             table = pa.concat_tables(tables) if len(tables) > 1 else tables[0] if tables else None
             skipped = {}
             for r in results:

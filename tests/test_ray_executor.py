@@ -1,0 +1,216 @@
+"""The Ray executor gives the local executor's bytes, resumes by partition and fails clearly.
+
+One local Ray cluster (2 CPUs) serves the module. The project is the quickstart without its
+synthesis (so `--data-only` runs ingest, collect, both dedups, cleaning, the cuts, mixing and
+export), plus a loss filter on a tiny model for the model step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ray  # CI installs the test extra, which brings ray[data]: never skipped silently
+
+from recipec.cli.main import main
+from recipec.ops.base import OperationError
+from recipec.plan import build_plan
+from recipec.runtime.executor import StepFailed, execute
+from recipec.runtime.ray_executor import RayOptions, connect, execute_ray
+from recipec.runtime.store import Store, output_digest
+
+ROOT = Path(__file__).resolve().parent.parent
+DERIVED = """
+recipe "qs-ray" {
+  extends = "quickstart.recipe"
+}
+
+remove synthesize.synthetic
+remove mapping.seed_to_task
+remove image_tagger.seed_tags
+remove instruction_tagger.seed_tasks
+
+stage s3 {
+  mix {
+    remove synthetic
+  }
+}
+"""
+MODEL_FILTER = """
+filter seed_loss {
+  on = [seed]
+  drop loss top 10% {
+    model = tiny_judge
+  }
+}
+"""
+SCORE = "filter.seed_loss.1.drop_loss.score"
+CUT = "filter.seed_loss.1.drop_loss.percentile"
+THRESHOLD = "filter.seed_quality.1.keep_score"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    connect(RayOptions(num_cpus=2))
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("project")
+    shutil.copy(ROOT / "examples" / "quickstart.recipe", folder)
+    shutil.copytree(ROOT / "examples" / "quickstart", folder / "quickstart")
+    (folder / "data.recipe").write_text(DERIVED)
+    (folder / "model.recipe").write_text(DERIVED + MODEL_FILTER)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data_runs(project, tmp_path_factory):
+    """The data steps run locally and on Ray, into the same --out path (its YAML names it)."""
+    base = tmp_path_factory.mktemp("data-runs")
+    out = base / "out"
+    common = [str(project / "data.recipe"), "--data-only", "-q", "--out", str(out)]
+    assert main(["run", *common, "--store", str(base / "local")]) == 0
+    out.rename(base / "out-local")
+    assert main(["run", *common, "--store", str(base / "ray"), "--executor", "ray"]) == 0
+    return base
+
+
+def _files(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name not in skip}
+
+
+def _manifests(store: Path) -> dict[str, dict]:
+    found = {}
+    for path in (store / "steps").glob("*/*/manifest.json"):
+        manifest = json.loads(path.read_text())
+        found[manifest["step"]] = manifest
+    return found
+
+
+def _drop_steps(store: Path, steps: set[str]) -> None:
+    for path in (store / "steps").glob("*/*/manifest.json"):
+        if json.loads(path.read_text())["step"] in steps:
+            shutil.rmtree(path.parent)
+
+
+def test_data_steps_on_ray_give_the_local_bytes(data_runs):
+    report = ("run.log", "report.json", "report.html")
+    local, on_ray = _files(data_runs / "out-local", report), _files(data_runs / "out", report)
+    assert local and local == on_ray
+    stored = _files(data_runs / "local" / "steps", ("manifest.json",))
+    assert stored == _files(data_runs / "ray" / "steps", ("manifest.json",))
+    manifests = _manifests(data_runs / "local"), _manifests(data_runs / "ray")
+    assert {"dedup_exact", "dedup_phash", "clean", "percentile", "threshold", "mix", "export"} <= \
+        {m["op"] for m in manifests[0].values()}
+    for step, manifest in manifests[0].items():
+        other = manifests[1][step]
+        assert (other["key"], output_digest(other), other["records_in"], other["dropped"]) == \
+            (manifest["key"], output_digest(manifest), manifest["records_in"], manifest["dropped"]), step
+
+
+def test_a_model_step_on_an_actor_pool_gives_the_local_bytes(project, data_runs, model_cache, tmp_path, caplog):
+    from recipec.compiler import compile_file
+
+    plan = build_plan(compile_file(project / "model.recipe").recipe)
+    # both runs start from the stored data steps; the model step and the cut after it run
+    for name in ("local", "ray"):
+        shutil.copytree(data_runs / "ray", tmp_path / name, ignore=shutil.ignore_patterns("lock", "requests.sqlite*"))
+    local = execute(plan, store=Store(tmp_path / "local"), recipe_dir=project, until=[CUT], workers=1)
+    caplog.set_level("INFO", logger="recipec.run")
+    options = RayOptions(actors=2, request_align=16, partition_requests=16)  # the tiny model's chunks on a CPU
+    on_ray = execute_ray(plan, store=Store(tmp_path / "ray"), recipe_dir=project, until=[CUT], options=options,
+                         workers=1)
+    ran = [(o.id, o.cached) for o in on_ray.outcomes if not o.cached]
+    assert ran == [(SCORE, False), (CUT, False)]
+    parts = re.search(rf"step {re.escape(SCORE)} \(score_loss\) on Ray: (\d+) partition\(s\), (\d+) to run", caplog.text)
+    assert parts and int(parts[1]) == int(parts[2]) >= 2  # the seed records' requests, 16 to a partition
+    local_steps = {o.id: o.manifest for o in local.outcomes}
+    for outcome in on_ray.outcomes:
+        assert output_digest(outcome.manifest) == output_digest(local_steps[outcome.id]), outcome.id
+        assert outcome.manifest["rejects"] == local_steps[outcome.id]["rejects"], outcome.id
+    usage, = on_ray.outcomes[[o.id for o in on_ray.outcomes].index(SCORE)].manifest["models"].values()
+    local_usage, = local_steps[SCORE]["models"].values()
+    assert usage["identity"] == local_usage["identity"] and usage["sent"] == local_usage["sent"] > 0
+
+
+def _flaky_threshold(calls: Path, marker: Path, poisoned: str):
+    """The threshold op, failing on the partition holding `poisoned` while `marker` exists."""
+    from recipec.ops.cuts import run_threshold
+
+    def run(ctx, inputs):
+        ids = [i for t in inputs for i in t.column("id").to_pylist()]
+        with open(calls, "a") as f:
+            f.write(f"{len(ids)}\n")
+        if marker.exists() and poisoned in ids:
+            raise OperationError("injected failure")
+        yield from run_threshold(ctx, inputs)
+
+    run.streams = True
+    return run
+
+
+def test_a_killed_step_resumes_without_redoing_finished_partitions(project, data_runs, tmp_path):
+    import cloudpickle
+
+    from recipec.compiler import compile_file
+    from recipec.ops.registry import OPERATIONS
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this module
+    plan = build_plan(compile_file(project / "data.recipe").recipe)
+    store_dir = tmp_path / "store"
+    shutil.copytree(data_runs / "ray", store_dir, ignore=shutil.ignore_patterns("lock"))
+    _drop_steps(store_dir, {THRESHOLD})
+    store = Store(store_dir)
+    upstream = _manifests(store_dir)["filter.quality.1.drop_loss"]
+    ids = store.read_records(upstream["key"], upstream).column("id").to_pylist()
+    calls, marker = tmp_path / "calls", tmp_path / "marker"
+    marker.touch()
+    operations = {**OPERATIONS, "threshold": _flaky_threshold(calls, marker, ids[200])}
+    options = RayOptions(partition_rows=40)  # 266 records: 7 partitions, the poisoned one the sixth
+    with pytest.raises(StepFailed, match="partition 5: injected failure"):
+        execute_ray(plan, store=store, recipe_dir=project, until=[THRESHOLD], operations=operations, options=options)
+    parts = list(store_dir.glob("work/*/partitions/part-*.pkl"))
+    assert 1 <= len(parts) <= 6 and all("-200-" not in p.name for p in parts)
+    marker.unlink()
+    calls.unlink()
+    result = execute_ray(plan, store=store, recipe_dir=project, until=[THRESHOLD], operations=operations,
+                         options=options)
+    assert len(calls.read_text().split()) == 7 - len(parts)  # only the partitions not finished
+    threshold = next(o for o in result.outcomes if o.id == THRESHOLD)
+    assert not threshold.cached and not list(store_dir.glob("work/*/partitions"))
+    assert output_digest(threshold.manifest) == output_digest(_manifests(data_runs / "local")[THRESHOLD])
+
+
+def test_ray_missing_is_exit_2_with_the_install_hint(project, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    monkeypatch.setitem(sys.modules, "ray.data", None)
+    code = main(["run", str(project / "data.recipe"), "--data-only", "-q", "--executor", "ray",
+                 "--store", str(tmp_path / "s"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install 'recipec[ray]'" in err and "Traceback" not in err
+    assert not (tmp_path / "s" / "steps").exists()
+
+
+def test_an_unreachable_address_is_a_clear_error(project, tmp_path):
+    ran = subprocess.run([sys.executable, "-m", "recipec", "run", str(project / "data.recipe"), "--data-only", "-q",
+                          "--executor", "ray", "--address", "127.0.0.1:1", "--store", str(tmp_path / "s")],
+                         capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 2
+    assert "cannot reach the Ray cluster at '127.0.0.1:1'" in ran.stderr and "Traceback" not in ran.stderr
+
+
+def test_ray_flags_need_the_ray_executor(project, tmp_path, capsys):
+    code = main(["run", str(project / "data.recipe"), "--data-only", "-q", "--address", "auto",
+                 "--store", str(tmp_path / "s")])
+    assert code == 2 and "--executor ray" in capsys.readouterr().err
