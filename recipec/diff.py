@@ -35,7 +35,8 @@ changes.
           "share_before": float | null, "share_after": float | null}],
       }],
       "cost": {
-        "recompute": [{"id": str, "op": str, "uses_model": bool, "reason": "added" | "changed"}],
+        "recompute": [{"id": str, "op": str, "uses_model": bool, "reason": "added" | "changed",
+                       "may_stay_cached": true}],            # the last only where it holds
         "cached": [str],                             # b's steps whose fingerprint a already has
         "removed": [str],                            # a's steps that b has no more, nor their results
       },
@@ -185,9 +186,13 @@ class StepCost:
     op: str
     uses_model: bool
     reason: str  # added (a step a does not have) | changed (same step, new fingerprint)
+    # only its inputs changed (the step itself, its op and params, did not): the run keys it on its
+    # inputs' content once they are done, and finds it cached when they come out as before
+    may_stay_cached: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "op": self.op, "uses_model": self.uses_model, "reason": self.reason}
+        return {"id": self.id, "op": self.op, "uses_model": self.uses_model, "reason": self.reason,
+                **({"may_stay_cached": True} if self.may_stay_cached else {})}
 
 
 @dataclass(frozen=True)
@@ -437,11 +442,22 @@ def cost(a: ir.Recipe, b: ir.Recipe) -> Cost:
     plan_a, plan_b = build_plan(a), build_plan(b)
     known = {step.fingerprint for step in plan_a.steps.values()}
     kept = {step.fingerprint for step in plan_b.steps.values()}
-    recompute = tuple(StepCost(s.id, s.op, s.op in MODEL_OPS, CHANGED if s.id in plan_a.steps else ADDED)
+    recompute = tuple(StepCost(s.id, s.op, s.op in MODEL_OPS, CHANGED if s.id in plan_a.steps else ADDED,
+                               _only_inputs_changed(s, plan_a, a.seed == b.seed))
                       for s in plan_b.steps.values() if s.fingerprint not in known)
     cached = tuple(s.id for s in plan_b.steps.values() if s.fingerprint in known)
     removed = tuple(s.id for s in plan_a.steps.values() if s.id not in plan_b.steps and s.fingerprint not in kept)
     return Cost(recompute, cached, removed)
+
+
+def _only_inputs_changed(step: Any, plan_a: Any, same_seed: bool) -> bool:
+    """Whether `step` is a's step of that id with its own op, version and params, so that early
+    cutoff can find it cached (ingest steps are keyed on their files, never on inputs)."""
+    from recipec.runtime.store import local_fingerprint
+
+    before = plan_a.steps.get(step.id)
+    return (same_seed and before is not None and bool(step.inputs) and step.op != "ingest"
+            and local_fingerprint(before) == local_fingerprint(step))
 
 
 # ---- entry point --------------------------------------------------------------------------------

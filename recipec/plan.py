@@ -104,13 +104,18 @@ def _fingerprint(op: str, params: dict[str, Any], inputs: list[Step]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _members(stage: ir.Stage, pools: dict[str, list[str]]) -> list[str]:
+    """The data sets a stage's mixture draws from (a pool stands for its sources)."""
+    return sorted({m for e in stage.mix for m in pools.get(e.name, [e.name])})
+
+
 class _Builder:
     def __init__(self, recipe: ir.Recipe):
         self.recipe = recipe
         self.steps: dict[str, Step] = {}
 
     def add(self, step_id: str, op: str, inputs: list[str], params: dict[str, Any]) -> str:
-        if op in IMAGE_OPS:
+        if op in IMAGE_OPS and "roots" not in params:
             params = {**params, "roots": self.roots}
         params = json.loads(json.dumps(params, sort_keys=True))  # plain JSON types, canonical order
         fingerprint = _fingerprint(op, params, [self.steps[i] for i in inputs])
@@ -179,14 +184,16 @@ class _Builder:
             inputs = [exported] + ([trained[stage.after]] if stage.after in trained else [])
             model = r.models[stage.model]
             training = {k: v for k, v in _dump(stage).items() if k not in ("mix", "composition", "samples", "balance", "order")}
+            # the image folders of the stage's own data sets: an edit elsewhere leaves the step as it is
+            roots = {m: self.roots.get(m) for m in _members(stage, pools)}
             trained[stage.name] = self.add(f"train.{stage.name}", "train", inputs,
-                                           {"stage": training, "model": _dump(model), "seed": r.seed})
+                                           {"stage": training, "model": _dump(model), "seed": r.seed, "roots": roots})
         return Plan(r, self.steps)
 
     def export_params(self, stage: ir.Stage, pools: dict[str, list[str]]) -> dict[str, Any]:
         """What the export of `stage` writes (recipe's `export`), its data sets' image folders, and
         the training settings that travel with the export."""
-        members = sorted({m for e in stage.mix for m in pools.get(e.name, [e.name])})
+        members = _members(stage, pools)
         model = self.recipe.models[stage.model]
         training = {k: v for k, v in _dump(stage).items() if k not in ("mix", "composition", "samples", "balance", "order")}
         training["model"] = {"name": model.name, "vision": model.vision.ref, "language": model.language.ref,

@@ -377,3 +377,18 @@ def test_git_diff_uses_the_driver(repo):
     assert "--- a/notes.txt\n+++ b/notes.txt\n" in out and "+two" in out
     log = repo.git("log", "-p", "-1", "--format=", "--", BASE)  # no external diff: the textconv form
     assert "-  expect = 500K\n+  expect = 600K" in log
+
+
+def test_steps_whose_only_change_is_upstream_may_stay_cached():
+    """Dropping the synthetic set changes the pool every stage mixes from, but not the stages that
+    never drew from it: their export and training may stay cached (early cutoff), while the steps
+    whose own params changed, and the stage that used the set, are recomputed for sure."""
+    d = diff(compiled(BASE), compiled(NO_SYNTHETIC))
+    steps = {s.id: s for s in d.cost.recompute}
+    maybe = {s for s, c in steps.items() if c.may_stay_cached}
+    assert {"export.s1", "train.s1", "export.s3", "train.s3"} <= maybe
+    assert not maybe & {"collect", "mix.s1", "mix.s4", "export.s4", "train.s4"}
+    assert all(steps[s].reason == CHANGED for s in maybe)
+    assert diff(compiled(BASE), compiled(BASE)).cost.recompute == ()
+    data = d.to_json()["cost"]["recompute"]
+    assert {r["id"] for r in data if r.get("may_stay_cached")} == maybe

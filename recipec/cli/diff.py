@@ -524,14 +524,21 @@ def report(d: RecipeDiff) -> list[Block]:
     cost = d.cost
     total = len(cost.recompute) + len(cost.cached)
     loads = sum(s.uses_model for s in cost.recompute)
-    summary = (f"cost: {len(cost.recompute)} of {total} steps to recompute ({loads} load a model), "
+    maybe = sum(s.may_stay_cached for s in cost.recompute)
+    summary = (f"cost: {len(cost.recompute)} of {total} steps to recompute ({loads} load a model"
+               + (f"; {maybe} may stay cached if unchanged" if maybe else "") + "), "
                f"{len(cost.cached)} cached, {len(cost.removed)} no longer in the plan")
     if cost.recompute:
-        blocks.append(Lines(summary, [("+" if s.reason == ADDED else "~",
-                                       s.id + ("  (loads a model)" if s.uses_model else "")) for s in cost.recompute]))
+        blocks.append(Lines(summary, [("+" if s.reason == ADDED else "~", s.id + _notes(s)) for s in cost.recompute]))
     elif not d.equal:
         blocks.append(Heading(summary))
     return blocks
+
+
+def _notes(step: Any) -> str:
+    notes = [n for n, on in (("loads a model", step.uses_model), ("may stay cached if unchanged", step.may_stay_cached))
+             if on]
+    return f"  ({'; '.join(notes)})" if notes else ""
 
 
 def _title(d: RecipeDiff) -> tuple[str, str]:
