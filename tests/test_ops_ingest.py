@@ -418,3 +418,32 @@ def test_seen_in_bulk_counts_as_one_by_one(monkeypatch: pytest.MonkeyPatch) -> N
         got.extend(bulk.seen_all(keys[start:start + 37], values[start:start + 37]))
     assert got == expected
     assert sum(t == 0 for t, _ in got) == len(set(keys))
+
+
+def test_a_json_array_read_in_small_windows_reads_as_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Elements, strings, numbers, multi-byte characters and bad bytes cut by window ends: the same
+    records and rejects, origins included, as reading the file at once."""
+    elements = []
+    for i in range(40):
+        element = json.dumps({"id": f"r{i}", "loss": 12345.678 + i, "conversations": qa(
+            question=f"Qué {i} 日本語 " + "x" * (i * 7), images=0)}, ensure_ascii=False, indent=1 if i % 3 else None)
+        if i % 9 == 4:
+            element = element.replace('"from"', '"from', 1)  # malformed: resumes at the next element
+        elements.append(element.replace("\n", "\n "))
+    body = "\ufeff[\n " + ",\n ".join(elements) + "\n]\n"
+    data = body.encode("utf-8").replace("Qué 14".encode(), b"Qu\xff 14")  # an undecodable byte
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.json").write_bytes(data)
+    src = source(fmt="llava_json", paths=("data/a.json",), images=None)
+    whole = run(tmp_path, src)
+    monkeypatch.setattr(ingest._Text, "WINDOW", 7)
+    windows = run(tmp_path, src)
+    assert whole[0].equals(windows[0])
+    assert [(r.origin, r.reason, r.detail, r.record) for r in whole[1]] == \
+        [(r.origin, r.reason, r.detail, r.record) for r in windows[1]]
+    assert whole[0].num_rows == 40 - len([i for i in range(40) if i % 9 == 4]) - 1
+    assert {r.reason for r in whole[1]} == {"json_malformed", "utf8_invalid"}
+    truncated = tmp_path / "data" / "a.json"
+    truncated.write_bytes(data[: len(data) // 2])
+    cut = run(tmp_path, src)
+    assert cut[1][-1].detail == "the file ends before the array is closed"

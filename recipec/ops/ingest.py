@@ -61,6 +61,7 @@ Image inspection (a full decode of every image, the slow part when there are ima
 
 from __future__ import annotations
 
+import codecs
 import collections
 import contextlib
 import gc
@@ -613,43 +614,40 @@ def _json_file(path: Path, shown: str) -> Iterator[_Raw]:
     A malformed element is rejected and reading resumes at the next line whose first character is
     a `{` in the column where the array's elements start (so one record per line and pretty-printed
     arrays both recover); the skipped text is one reject. A missing or extra comma between elements
-    is forgiven. A file that does not start with `[` is read as JSON Lines.
+    is forgiven. A file that does not start with `[` is read as JSON Lines. The file is read in
+    windows (`_Text`), so memory holds one window and the element being read, whatever its size.
     """
-    data = path.read_bytes()
-    text = data.decode("utf-8", "surrogateescape").lstrip("\ufeff")  # bad bytes become lone surrogates
-    pos = _skip_ws(text, 0)
+    text = _Text(path)
+    pos = text.skip_ws(0)
     if not text.startswith("[", pos):
-        for number, line in enumerate(data.split(b"\n"), start=1):
-            yield from _jsonl_line(line, f"{shown}:{number}")
+        yield from _jsonl_file(path, shown)
         return
-    lines = _LineCounter(text)
     pos += 1
     column: int | None = None  # where elements start on their line
     while True:
-        pos = _skip_ws(text, pos)
-        while pos < len(text) and text[pos] == ",":
-            pos = _skip_ws(text, pos + 1)
-        if pos >= len(text):
-            yield _Raw(f"{shown}:{lines.at(pos)}", "",
+        pos = text.skip_ws(text.drop_before(pos))
+        while text.startswith(",", pos):
+            pos = text.skip_ws(pos + 1)
+        if text.ended(pos):
+            yield _Raw(f"{shown}:{text.line_at(pos)}", "",
                        problem=_Bad("json_malformed", "the file ends before the array is closed"))
             return
-        if text[pos] == "]":
-            rest = _skip_ws(text, pos + 1)
-            if rest < len(text):
-                yield _Raw(f"{shown}:{lines.at(rest)}", text[rest:rest + 200],
+        if text.startswith("]", pos):
+            rest = text.skip_ws(pos + 1)
+            if not text.ended(rest):
+                yield _Raw(f"{shown}:{text.line_at(rest)}", text.slice(rest, rest + 200),
                            problem=_Bad("json_malformed", "text after the end of the array"))
             return
         if column is None:
-            column = pos - (text.rfind("\n", 0, pos) + 1)
-        origin = f"{shown}:{lines.at(pos)}"
-        try:
-            value, end = _DECODER.raw_decode(text, pos)
-        except ValueError as e:
-            resume = _resume(text, pos, column)
-            yield _Raw(origin, _printable(text[pos:resume].rstrip()), problem=_Bad("json_malformed", str(e)))
+            column = pos - (text.text.rfind("\n", 0, pos) + 1)
+        origin = f"{shown}:{text.line_at(pos)}"
+        value, end, error = text.decode(pos)
+        if error is not None:
+            resume = text.resume(pos, column)
+            yield _Raw(origin, _printable(text.text[pos:resume].rstrip()), problem=_Bad("json_malformed", str(error)))
             pos = resume
             continue
-        raw = text[pos:end]
+        raw = text.text[pos:end]
         try:
             raw.encode("utf-8")
         except UnicodeEncodeError as e:
@@ -660,39 +658,126 @@ def _json_file(path: Path, shown: str) -> Iterator[_Raw]:
         pos = end
 
 
-def _resume(text: str, pos: int, column: int) -> int:
-    """The start of the next line holding an element start (`{` at `column`), or the array's end."""
-    while True:
-        newline = text.find("\n", pos)
-        if newline == -1:
-            return len(text)
-        pos = newline + 1
-        start = pos + column
-        if text.startswith("{", start) and not text[pos:start].strip():
-            return start
-        if text[pos:].lstrip().startswith("]"):
-            return _skip_ws(text, pos)
+class _Text:
+    """A file's text, decoded window by window (bad bytes become lone surrogates). `text` holds the
+    part from the last `drop_before` on; positions are into `text`, and reading more appends to it."""
+
+    WINDOW = 1 << 22  # bytes read at a time
+    TRUNCATED = 8  # an error this close to the end of the text read so far may just need more text
+
+    def __init__(self, path: Path):
+        self.file = open(path, "rb")
+        self.decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+        self.text = ""
+        self.done = False
+        self.line = 1  # the line of `counted`
+        self.counted = 0
+        self.dropped = 0  # characters forgotten before `text`
+        self.column = 0  # of text[0] on its line
+        self.more()
+        self.text = self.text.lstrip("\ufeff")
+
+    def __del__(self) -> None:
+        self.file.close()
+
+    def more(self) -> bool:
+        """Read the next window; False at the end of the file."""
+        if self.done:
+            return False
+        data = self.file.read(self.WINDOW)
+        self.text += self.decoder.decode(data, final=not data)
+        if not data:
+            self.done = True
+            self.file.close()
+        return True
+
+    def ensure(self, end: int) -> None:
+        while end > len(self.text) and self.more():
+            pass
+
+    def ended(self, pos: int) -> bool:
+        self.ensure(pos + 1)
+        return pos >= len(self.text)
+
+    def startswith(self, prefix: str, pos: int) -> bool:
+        self.ensure(pos + len(prefix))
+        return self.text.startswith(prefix, pos)
+
+    def slice(self, start: int, end: int) -> str:
+        self.ensure(end)
+        return self.text[start:end]
+
+    def skip_ws(self, pos: int) -> int:
+        while True:
+            pos = _skip_ws(self.text, pos)
+            if pos < len(self.text) or not self.more():
+                return pos
+
+    def line_at(self, pos: int) -> int:
+        self.line += self.text.count("\n", self.counted, pos)
+        self.counted = pos
+        return self.line
+
+    def drop_before(self, pos: int) -> int:
+        """Forget the text before `pos` once it is a window long; returns `pos` in the text kept."""
+        if pos < self.WINDOW:
+            return pos
+        self.line_at(pos)
+        newline = self.text.rfind("\n", 0, pos)
+        self.column = pos - newline - 1 if newline >= 0 else self.column + pos
+        self.dropped += pos
+        self.text = self.text[pos:]
+        self.counted = 0
+        return 0
+
+    def located(self, error: ValueError) -> ValueError:
+        """A decoding error whose line, column and character count from the start of the file."""
+        if not isinstance(error, json.JSONDecodeError) or not self.dropped:
+            return error
+        line = self.line + self.text.count("\n", self.counted, error.pos) if error.pos >= self.counted else \
+            self.line - self.text.count("\n", error.pos, self.counted)
+        column = error.colno + (self.column if "\n" not in self.text[:error.pos] else 0)
+        return ValueError(f"{error.msg}: line {line} column {column} (char {self.dropped + error.pos})")
+
+    def decode(self, pos: int) -> tuple[Any, int, ValueError | None]:
+        """The JSON value at `pos` and where it ends, or the error; reads on while the value may be
+        cut short by the end of the text read so far."""
+        while True:
+            try:
+                value, end = _DECODER.raw_decode(self.text, pos)
+            except ValueError as e:
+                near_end = isinstance(e, json.JSONDecodeError) and (
+                    e.pos >= len(self.text) - self.TRUNCATED or e.msg.startswith("Unterminated string"))
+                if near_end and self.more():
+                    continue
+                return None, pos, self.located(e)
+            if end >= len(self.text) and self.more():  # a number may go on
+                continue
+            return value, end, None
+
+    def resume(self, pos: int, column: int) -> int:
+        """The start of the next line holding an element start (`{` at `column`), or the array's end
+        (a `]` left of that column, or at the start of a line when elements start there)."""
+        while True:
+            newline = self.text.find("\n", pos)
+            while newline == -1 and self.more():
+                newline = self.text.find("\n", pos)
+            if newline == -1:
+                return len(self.text)
+            pos = newline + 1
+            start = pos + column
+            self.ensure(start + 1)
+            if self.text.startswith("{", start) and not self.text[pos:start].strip():
+                return start
+            rest = self.skip_ws(pos)
+            # the array's own `]`, left of where elements start: a nested list's is further right
+            if self.text.startswith("]", rest) and rest - pos < max(column, 1) and "\n" not in self.text[pos:rest]:
+                return rest
 
 
 def _printable(text: str) -> str:
     """Text with lone surrogates (from undecodable bytes) shown as escapes, so it can be stored."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-class _LineCounter:
-    """Line numbers of increasing positions in one text, counted incrementally."""
-
-    def __init__(self, text: str):
-        self.text = text
-        self.pos = 0
-        self.line = 1
-
-    def at(self, pos: int) -> int:
-        if pos < self.pos:
-            return self.text.count("\n", 0, pos) + 1
-        self.line += self.text.count("\n", self.pos, pos)
-        self.pos = pos
-        return self.line
 
 
 def _parquet_file(path: Path, shown: str) -> Iterator[_Raw]:
