@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -77,3 +78,30 @@ def test_unknown_rule(tmp_path: Path) -> None:
 def test_empty_table(tmp_path: Path) -> None:
     out, reasons = run({"min_turns": 1, "min_image_side": 3}, [], tmp_path)
     assert out.num_rows == 0 and reasons == {}
+
+
+def test_stored_shards_clean_as_one_table(tmp_path: Path) -> None:
+    from recipec.runtime.store import StoredTable, write_parquet
+
+    ok = [("<image>\nWhat is this?", "A cat sitting on a mat.")]
+    rows = [rec(f"r{i}", [] if i % 8 == 0 else ok * (1 + i % 5), [(100, 80)] if i % 3 else [(400, 20 + i)],
+                source="ab"[i % 2]) for i in range(23)]
+    rules = {"min_turns": 1, "max_turns": 3, "max_aspect_ratio": 4.0, "min_image_side": 30}
+    ctx = StepContext("filter.f.1.clean", "clean", {"rules": rules, "on": ["a"]}, "f", tmp_path)
+    table = pa.Table.from_pylist(rows, schema=records.SCHEMA)
+    paths, sizes = [], [5, 0, 7, 1, 10]  # uneven shards, one empty
+    for k, start in enumerate(np.cumsum([0, *sizes[:-1]])):
+        paths.append(tmp_path / f"shard-{k}.parquet")
+        write_parquet(table.slice(int(start), sizes[k]), paths[-1])
+    stored = StoredTable(paths, sizes)
+    assert clean.run.streams
+    whole = list(clean.run(ctx, [table]))
+    sharded = list(clean.run(ctx, [stored]))
+    pieces = list(clean.run(ctx, [table.slice(0, 9), table.slice(9)]))
+    for chunks in (sharded, pieces):
+        assert [c.records.to_pylist() for c in chunks] == [c.records.to_pylist() for c in whole]
+        assert [(c.consumed, c.rejects) for c in chunks] == [(c.consumed, c.rejects) for c in whole]
+    rejects = [r for c in whole for r in c.rejects]
+    assert {r.reason for r in rejects} == {"clean_min_turns", "clean_max_turns", "clean_max_aspect_ratio",
+                                           "clean_min_image_side"}
+    assert all(r.source == "a" for r in rejects) and sum(c.consumed for c in whole) == 23

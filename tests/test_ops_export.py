@@ -200,3 +200,75 @@ def test_the_data_yaml_has_absolute_paths_and_says_what_to_pass() -> None:
     assert yaml.safe_load(text) == {"datasets": [{"json_path": "/data/out dir/s1/s1.json", "sampling_strategy": "all"}]}
     assert "--data_path '/data/out dir/s1/s1.yaml' --image_folder '/data/out dir/s1/images'" in text
     assert "no --image_folder" in data_yaml("s1", "/o/s1/s1.json", None, 4).decode()
+
+
+def run_stored(rows: list[dict[str, Any]], tmp_path: Path, sizes: list[int], work: str | None, formats=ALL,
+               embed: bool = False, roots: dict[str, str] | None = None) -> dict[str, bytes]:
+    """The op on a stored stage cut in shards of `sizes` rows (in a work folder `work`, or in memory):
+    every file it hands over, by name."""
+    from recipec.runtime.store import StoredTable, write_parquet
+
+    table = pa.Table.from_pylist(rows, schema=records.SCHEMA)
+    folder = tmp_path / f"stored-{'-'.join(map(str, sizes))}"
+    folder.mkdir(exist_ok=True)
+    paths, start = [], 0
+    for k, size in enumerate(sizes):
+        paths.append(folder / f"{k}.parquet")
+        write_parquet(table.slice(start, size), paths[-1])
+        start += size
+    assert start == len(rows)
+    params: dict[str, Any] = {"stage": "s1", "training": TRAINING, "roots": roots or {},
+                              "export": {"formats": formats, "images": "link", "embed_images": embed}}
+    ctx = StepContext("export.s1", "export", params, "f", tmp_path, work_dir=tmp_path / work if work else None)
+    chunks = list(export.run(ctx, [StoredTable(paths, sizes)]))
+    assert pa.concat_tables([c.records for c in chunks]).equals(table)
+    files = {k: v for c in chunks for k, v in c.files.items()}
+    moved = {k: p.read_bytes() for c in chunks for k, p in c.file_paths.items()}
+    assert not set(files) & set(moved) and (work is not None or not moved)
+    return {**files, **moved}
+
+
+def test_the_table_formats_stream_into_shards_that_load_in_order(tmp_path: Path, monkeypatch) -> None:
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(export, "BATCH_ROWS", 3)
+    monkeypatch.setattr(export, "HF_SHARD_BYTES", 1)  # a shard per piece of 3 records
+    monkeypatch.setattr(export, "PARQUET_SHARD_BYTES", 1)
+    rows = [rec("ab"[i % 2], i, n_images=i % 3, own_id=f"o{i}", loss=float(i)) for i in range(10)]
+    rows[-1]["scores"] = [("late", 2.0)]  # a score name only the last shard has: every shard gets its field
+    files = run_stored(rows, tmp_path, [4, 0, 5, 1], "work")
+    assert sorted(n for n in files if n.startswith(("hf/", "parquet/"))) == [
+        *(f"hf/data-{i:05d}-of-00004.arrow" for i in range(4)), "hf/dataset_info.json", "hf/state.json",
+        *(f"parquet/s1-{i:05d}-of-00004.parquet" for i in range(4))]
+    write(files, tmp_path / "out")
+    ds = datasets.load_from_disk(str(tmp_path / "out" / "hf"))
+    assert ds["id"] == [r["id"] for r in rows] and ds["source_id"] == [f"o{i}" for i in range(10)]
+    assert ds[0]["scores"] == {"late": None, "loss": 0.0} and ds[9]["scores"] == {"late": 2.0, "loss": None}
+    assert ds[4]["image"] == ["a/sub/a_4_0.png"] and ds[3]["image"] == []
+    pds = datasets.load_dataset("parquet", data_files=str(tmp_path / "out/parquet/*.parquet"), split="train",
+                                cache_dir=str(tmp_path / "cache"))
+    assert pds["id"] == [r["id"] for r in rows] and pds["scores"] == ds["scores"]
+    assert [pq.ParquetFile(tmp_path / "out/parquet" / f"s1-{i:05d}-of-00004.parquet").metadata.num_rows
+            for i in range(4)] == [3, 3, 3, 1]
+    # the same bytes in another run, in memory, and however the stage is cut in stored shards
+    assert run_stored(rows, tmp_path, [4, 0, 5, 1], "again") == files
+    assert run_stored(rows, tmp_path, [10], None) == files
+    assert run_stored(rows, tmp_path, [1, 2, 7], "other") == files
+    assert run(rows, tmp_path, formats=ALL)[1] == files
+
+
+def test_embedded_images_stream_into_shards(tmp_path: Path, monkeypatch, rows) -> None:
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(export, "BATCH_ROWS", 1)
+    monkeypatch.setattr(export, "HF_SHARD_BYTES", 1)
+    roots = write_images(rows, tmp_path)
+    files = run_stored(rows, tmp_path, [3, 1], "work", formats=["hf_dataset", "parquet"], embed=True, roots=roots)
+    assert len([n for n in files if n.endswith(".arrow")]) == 4 and "parquet/s1-00000-of-00001.parquet" in files
+    write(files, tmp_path / "out")
+    ds = datasets.load_from_disk(str(tmp_path / "out" / "hf"))
+    assert isinstance(ds.features["image"].feature, datasets.Image) and ds["id"] == [r["id"] for r in rows]
+    assert [im.size for im in ds[1]["image"]] == [(11, 8), (12, 8)] and ds[2]["image"] == []
+    raw = pq.read_table(tmp_path / "out" / "parquet").column("image").to_pylist()
+    assert [hashlib.sha256(im["bytes"]).hexdigest() for im in raw[1]] == [im["sha256"] for im in rows[1]["images"]]
+    (tmp_path / "b/sub/b_3_0.png").write_bytes(png(40))  # the last record's image changed since ingest
+    with pytest.raises(OperationError, match="b/sub/b_3_0.png changed since it was ingested"):
+        run_stored(rows, tmp_path, [3, 1], "broken", formats=["hf_dataset"], embed=True, roots=roots)

@@ -11,7 +11,11 @@ Params: `rules` (any of the keys below) and `on`. A record breaking a rule is re
     drop_empty_answers      (true) no answer is empty or whitespace only
     require_image           (true) the record has at least one image
 
-Everything is computed column-wise with Arrow and numpy, so cleaning millions of records is fast.
+Every rule is per record: a record's verdict depends on that record alone, so the op streams. It
+reads its inputs a batch at a time (`collect.Records`: a stored step's shards one by one), measures
+and judges each batch column-wise with Arrow and numpy, and emits the survivors through a
+`Rebatcher`, so memory holds one batch whatever the stage's size and the output shards depend only on
+the records. Nothing global is kept (rows, rejects and counts come out as each batch is judged).
 """
 
 from __future__ import annotations
@@ -24,29 +28,44 @@ import pyarrow.compute as pc
 
 from recipec import records
 from recipec.ops.base import Chunk, OperationError, StepContext
-from recipec.ops.collect import concat, judge, source_mask
+from recipec.ops.collect import Rebatcher, Records, add_provenance, rejects_for, source_mask
 
 RULES = ("min_turns", "max_turns", "min_answer_chars", "max_text_chars", "min_image_side", "max_aspect_ratio",
          "drop_empty_answers", "require_image")
 REASONS = frozenset(f"clean_{rule}" for rule in RULES)
 
 
-def run(ctx: StepContext, inputs: list[pa.Table]) -> Iterator[Chunk]:
-    table = concat(inputs)
+def run(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
     rules: dict[str, Any] = dict(ctx.params.get("rules") or {})
     unknown = sorted(set(rules) - set(RULES))
     if unknown:
         raise OperationError(f"unknown cleaning rule(s) {', '.join(unknown)}; known: {', '.join(RULES)}")
-    judged = source_mask(table, ctx.params.get("on"))
-    facts = _Facts(table)
+    active = [rule for rule in RULES if rules.get(rule) is not None and rules[rule] is not False]
+    on = ctx.params.get("on")
+    out = Rebatcher()
+    for batch in Records(inputs).batches():
+        judged = source_mask(batch, on)
+        dropped = verdicts(_Facts(batch), judged, {rule: rules[rule] for rule in active})
+        keep = np.ones(batch.num_rows, dtype=bool)
+        keep[list(dropped)] = False
+        kept = add_provenance(batch, ctx.step_id, judged & keep)
+        kept = kept.filter(pa.array(keep)) if dropped else kept
+        yield from out.add(kept, consumed=batch.num_rows, rejects=rejects_for(batch, dropped))
+    yield from out.finish()
+
+
+run.streams = True  # type: ignore[attr-defined]
+
+
+def verdicts(facts: "_Facts", judged: np.ndarray, rules: dict[str, Any]) -> dict[int, tuple[str, str]]:
+    """Row (in the batch) -> (reason, detail) for the judged records that break a rule: the first
+    broken rule in RULES order names it."""
     dropped: dict[int, tuple[str, str]] = {}
-    for rule in RULES:
-        if rules.get(rule) is None or rules[rule] is False:
-            continue
-        broken, details = CHECKS[rule](facts, rules[rule])
+    for rule, limit in rules.items():
+        broken, details = CHECKS[rule](facts, limit)
         for row in np.flatnonzero(broken & judged).tolist():
             dropped.setdefault(row, (f"clean_{rule}", details(row)))
-    yield from judge(ctx, table, judged, dropped)
+    return dropped
 
 
 class _Facts:

@@ -11,8 +11,9 @@ pass through unchanged (records out = records in), so the store keeps them too. 
                                        is absolute (LLaVA-NeXT opens it relative to its working
                                        directory, so nothing else works from its checkout)
     hf_dataset  hf/...                 a saved HF dataset (`datasets.load_from_disk`): the layout of
-                                       `save_to_disk`, written with pyarrow (byte-deterministic, no
-                                       `datasets` needed)
+                                       `save_to_disk` (data-0000i-of-0000N.arrow, state.json,
+                                       dataset_info.json), written with pyarrow (byte-deterministic,
+                                       no `datasets` needed)
     parquet     parquet/<stage>-0000i-of-0000N.parquet   the same table as Parquet shards
     messages    <stage>.messages.jsonl  chat format for TRL-style trainers: `messages` (role
                                        user/assistant, `content` a list of `{"type": "image"}` and
@@ -47,6 +48,17 @@ with one float field per score name (missing = null).
 
 JSON is deterministic: one entry per line, sorted keys, `ensure_ascii=False`, fixed separators,
 a trailing newline.
+
+Streaming. The op reads its input a batch at a time and writes every format as it goes, into the
+step's work folder (the files are then moved into the store whole; in memory when the op runs
+without a work folder, as in tests), so memory holds a batch whatever the stage's size. The records
+are re-cut into pieces of BATCH_ROWS, each one Arrow record batch of the HF dataset, one Parquet row
+group, one pass of the JSON writers and of image embedding; a shard is closed once the bytes written
+to it reach its budget (HF_SHARD_BYTES, PARQUET_SHARD_BYTES: it may pass it by up to a piece). So
+every file depends only on the records and their order, never on how the input was batched. Two
+things need the whole stage and are kept compact: the score names (one pass over the `scores`
+column before writing, as the `scores` struct has one field per name) and the distinct images, for
+images.sha256.
 """
 
 from __future__ import annotations
@@ -54,7 +66,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -66,17 +77,19 @@ import pyarrow.parquet as pq
 from recipec import records
 from recipec.ops import images as imaging
 from recipec.ops.base import Chunk, OperationError, StepContext
-from recipec.ops.collect import Rebatcher, Records, emit
+from recipec.ops.collect import Rebatcher, Records
 from recipec.ops.export_layout import IMAGE_LIST, format_image_list
 
 FORMATS = ("llava", "hf_dataset", "parquet", "messages")
 DEFAULT_FORMATS = ("llava",)
+# The HF dataset and the Parquet files are written a piece of BATCH_ROWS records at a time (one
+# Arrow record batch / Parquet row group each); a shard is closed once it holds its format's byte
+# budget, measured on the bytes written, so shards depend only on the records.
 HF_SHARD_BYTES = 500 * 1024 * 1024  # what `save_to_disk` uses by default
-HF_BATCH_ROWS = 10_000
 PARQUET_SHARD_BYTES = 500 * 1024 * 1024
+BATCH_ROWS = 10_000
 PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "compression_level": 3, "use_dictionary": True,
-                                   "write_statistics": True, "version": "2.6", "data_page_version": "1.0",
-                                   "row_group_size": 10_000}
+                                   "write_statistics": True, "version": "2.6", "data_page_version": "1.0"}
 LLAVA_FIELDS = ("id", "source_id", "source", "category", "data_type", "conversations", "image")
 _IMAGE_TOKEN = re.compile(re.escape(records.IMAGE_TOKEN))
 
@@ -89,17 +102,73 @@ def run(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise OperationError(f"unknown export format(s) {', '.join(unknown)}; known: {', '.join(FORMATS)}")
-    embed = bool(settings.get("embed_images"))
     stage = params["stage"]
-    if "hf_dataset" in formats or "parquet" in formats:
-        # these two cut shards by the size of the whole table: built in memory (streaming them is
-        # the next step); the LLaVA JSON and chat files below stream
-        table = recs.table()
-        reader = _ImageReader(Path(ctx.recipe_dir), params.get("roots") or {}) if embed else None
-        files = export_files(table, stage, formats, training=params.get("training"), images=reader)
-        yield from emit(table, consumed=table.num_rows, files=files)
-        return
-    yield from _streamed(ctx, recs, stage, formats)
+    work_dir = Path(ctx.work_dir) if getattr(ctx, "work_dir", None) is not None else None
+    sinks: dict[str, _Sink] = {}
+    if "llava" in formats:
+        sinks["llava"] = _Sink(f"{stage}.json", work_dir)
+    if "messages" in formats:
+        sinks["messages"] = _Sink(f"{stage}.messages.jsonl", work_dir)
+    shards: list[_Shards] = []
+    if "hf_dataset" in formats:
+        shards.append(_Shards("hf", lambda i, n: f"data-{i:05d}-of-{n:05d}.arrow", HF_SHARD_BYTES, work_dir))
+    if "parquet" in formats:
+        shards.append(_Shards("parquet", lambda i, n: f"{stage}-{i:05d}-of-{n:05d}.parquet", PARQUET_SHARD_BYTES,
+                              work_dir))
+    # the table formats' `scores` struct has a field per score name of the whole stage: one pass
+    # over the scores column first
+    names = score_names(recs) if shards else None
+    reader = _ImageReader(Path(ctx.recipe_dir), params.get("roots") or {}) \
+        if shards and settings.get("embed_images") else None
+
+    def write(piece: pa.Table) -> None:
+        if "llava" in sinks:
+            sinks["llava"].write("".join(("[\n" if sinks["llava"].rows == 0 and i == 0 else ",\n") + _dumps(e)
+                                         for i, e in enumerate(llava_entries(piece))))
+        if "messages" in sinks:
+            sinks["messages"].write("".join(_dumps(e) + "\n" for e in message_entries(piece)))
+        for sink in sinks.values():
+            sink.rows += piece.num_rows
+        if shards:
+            # a copy with buffers of exactly these rows: the IPC writer keeps a slice's trailing bytes
+            table = _public(embedded(piece, reader) if reader is not None else piece)
+            table = table.take(pa.array(range(table.num_rows), pa.int64()))
+            for shard in shards:
+                shard.write(table)
+
+    out = Rebatcher()
+    pieces = Rebatcher(BATCH_ROWS)  # the export columns, re-cut into pieces of BATCH_ROWS records
+    images: dict[str, str] = {}
+    total = 0
+    for batch in recs.batches():
+        for chunk in pieces.add(hf_table(batch, names)):
+            write(chunk.records)
+        _add_images(images, batch)
+        total += batch.num_rows
+        yield from out.add(batch, consumed=batch.num_rows)
+    if pieces.pending_rows:
+        for chunk in pieces.finish():
+            write(chunk.records)
+    if "llava" in sinks:
+        sinks["llava"].write("\n]\n" if total else "[]\n")
+    files = {f"{stage}.training.json": training_json(stage, params.get("training") or {}, total),
+             IMAGE_LIST: format_image_list(images)}
+    paths: dict[str, Path] = {}
+    for sink in sinks.values():
+        sink.into(files, paths)
+    if shards:
+        empty = _public(embedded(hf_table(records.empty_table(), names), reader) if reader is not None
+                        else hf_table(records.empty_table(), names))
+        for shard in shards:
+            shard.finish(empty)
+            shard.into(files, paths, stage)
+    yield from out.add(None, files=files)
+    chunks = list(out.finish())
+    if chunks:
+        chunks[-1].file_paths.update(paths)
+    elif paths:
+        chunks = [Chunk(records=None, file_paths=paths)]
+    yield from chunks
 
 
 run.streams = True  # type: ignore[attr-defined]
@@ -111,6 +180,7 @@ class _Sink:
 
     def __init__(self, name: str, work_dir: Path | None):
         self.name = name
+        self.rows = 0
         self.path = work_dir / "export" / name if work_dir is not None else None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,59 +199,92 @@ class _Sink:
             chunk_files[self.name] = self.file.getvalue()
 
 
-def _streamed(ctx: StepContext, recs: Records, stage: str, formats: tuple[str, ...]) -> Iterator[Chunk]:
-    work_dir = Path(ctx.work_dir) if getattr(ctx, "work_dir", None) is not None else None
-    sinks: dict[str, _Sink] = {}
-    if "llava" in formats:
-        sinks["llava"] = _Sink(f"{stage}.json", work_dir)
-    if "messages" in formats:
-        sinks["messages"] = _Sink(f"{stage}.messages.jsonl", work_dir)
-    out = Rebatcher()
-    images: dict[str, str] = {}
-    total = 0
-    for batch in recs.batches():
-        hf = hf_table(batch)
-        if "llava" in sinks:
-            sinks["llava"].write("".join(("[\n" if total == 0 and i == 0 else ",\n") + _dumps(e)
-                                         for i, e in enumerate(llava_entries(hf))))
-        if "messages" in sinks:
-            sinks["messages"].write("".join(_dumps(e) + "\n" for e in message_entries(hf)))
-        _add_images(images, batch)
-        total += batch.num_rows
-        yield from out.add(batch, consumed=batch.num_rows)
-    if "llava" in sinks:
-        sinks["llava"].write("\n]\n" if total else "[]\n")
-    files = {f"{stage}.training.json": training_json(stage, ctx.params.get("training") or {}, total),
-             IMAGE_LIST: format_image_list(images)}
-    paths: dict[str, Path] = {}
-    for sink in sinks.values():
-        sink.into(files, paths)
-    yield from out.add(None, files=files)
-    chunks = list(out.finish())
-    if chunks:
-        chunks[-1].file_paths.update(paths)
-    elif paths:
-        chunks = [Chunk(records=None, file_paths=paths)]
-    yield from chunks
+class _Shards:
+    """One table format's shards (`hf`: Arrow IPC streams, as `save_to_disk` writes them; `parquet`),
+    written a piece at a time: on disk in the work folder, or in memory without one. A shard is
+    closed once its written bytes reach `budget`; the names (`-of-N`) are given once N is known."""
+
+    def __init__(self, folder: str, name: Any, budget: int, work_dir: Path | None):
+        self.folder = folder
+        self.name = name
+        self.budget = budget
+        self.dir = work_dir / "export" / folder if work_dir is not None else None
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        self.done: list[Path | bytes] = []  # closed shards: their file, or their bytes
+        self.sink: Any = None
+        self.writer: Any = None
+
+    def write(self, table: pa.Table) -> None:
+        if self.writer is None:
+            self._open(table.schema)
+        if self.folder == "hf":
+            self.writer.write_table(table, max_chunksize=BATCH_ROWS)
+        else:
+            self.writer.write_table(table, row_group_size=BATCH_ROWS)
+        if self.sink.tell() >= self.budget:
+            self._close()
+
+    def finish(self, empty: pa.Table) -> None:
+        """Close the last shard (an empty stage gets one shard with no rows, as `save_to_disk` writes)."""
+        if self.writer is None and not self.done:
+            self.write(empty)
+        if self.writer is not None:
+            self._close()
+
+    def into(self, chunk_files: dict[str, bytes], chunk_paths: dict[str, Path], stage: str) -> None:
+        names = [self.name(i, len(self.done)) for i in range(len(self.done))]
+        for name, shard in zip(names, self.done):
+            if isinstance(shard, Path):
+                chunk_paths[f"{self.folder}/{name}"] = shard
+            else:
+                chunk_files[f"{self.folder}/{name}"] = shard
+        if self.folder == "hf":
+            chunk_files.update({f"hf/{name}": data for name, data in
+                                hf_metadata(names, self.done, self.schema, stage).items()})
+
+    def _open(self, schema: pa.Schema) -> None:
+        self.schema = schema
+        if self.dir is not None:
+            self.path: Path | None = self.dir / f"shard-{len(self.done):05d}"
+            self.sink = pa.OSFile(str(self.path), "wb")
+        else:
+            self.path = None
+            self.sink = pa.BufferOutputStream()
+        if self.folder == "hf":
+            self.writer = pa.ipc.new_stream(self.sink, schema)
+        else:
+            self.writer = pq.ParquetWriter(self.sink, schema, **PARQUET_OPTIONS)
+
+    def _close(self) -> None:
+        self.writer.close()
+        if self.path is not None:
+            self.sink.close()
+            self.done.append(self.path)
+        else:
+            self.done.append(self.sink.getvalue().to_pybytes())
+        self.sink = self.writer = None
 
 
-def export_files(table: pa.Table, stage: str, formats: tuple[str, ...] = DEFAULT_FORMATS, *,
-                 training: dict[str, Any] | None = None, images: "_ImageReader | None" = None) -> dict[str, bytes]:
-    hf = hf_table(table)
-    files: dict[str, bytes] = {}
-    if "llava" in formats:
-        files[f"{stage}.json"] = json_list(llava_entries(hf))
-    if "messages" in formats:
-        files[f"{stage}.messages.jsonl"] = json_lines(message_entries(hf))
-    if "hf_dataset" in formats or "parquet" in formats:
-        full = embedded(hf, images) if images is not None else hf
-        if "hf_dataset" in formats:
-            files.update({f"hf/{name}": data for name, data in hf_files(full, stage).items()})
-        if "parquet" in formats:
-            files.update({f"parquet/{name}": data for name, data in parquet_files(full, stage).items()})
-    files[f"{stage}.training.json"] = training_json(stage, training or {}, hf.num_rows)
-    files[IMAGE_LIST] = image_list(table)
-    return files
+def hf_metadata(names: list[str], shards: list[Path | bytes], schema: pa.Schema, stage: str) -> dict[str, bytes]:
+    """state.json and dataset_info.json of `Dataset.save_to_disk` for these arrow files (deterministic)."""
+    digest = hashlib.sha256()
+    for shard in shards:
+        if isinstance(shard, bytes):
+            digest.update(shard)
+        else:
+            with open(shard, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    state = {"_data_files": [{"filename": n} for n in names], "_fingerprint": digest.hexdigest()[:16],
+             "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
+             "_split": None}
+    info: dict[str, Any] = {"citation": "", "description": f"Training data of stage {stage}, exported by recipec.",
+                            "homepage": "", "license": ""}
+    if schema.metadata and b"huggingface" in schema.metadata:
+        info["features"] = json.loads(schema.metadata[b"huggingface"])["info"]["features"]
+    return {"state.json": (json.dumps(state, indent=2, sort_keys=True) + "\n").encode("utf-8"),
+            "dataset_info.json": (json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8")}
 
 
 # ---- LLaVA --------------------------------------------------------------------------------------
@@ -194,17 +297,6 @@ def llava_entries(hf: pa.Table) -> list[dict[str, Any]]:
             del row["image"]  # LLaVA-NeXT: a text-only sample is one without the key
         entries.append(row)
     return entries
-
-
-def json_list(entries: list[dict[str, Any]]) -> bytes:
-    if not entries:
-        return b"[]\n"
-    lines = (_dumps(e) for e in entries)
-    return ("[\n" + ",\n".join(lines) + "\n]\n").encode("utf-8")
-
-
-def json_lines(entries: list[dict[str, Any]]) -> bytes:
-    return "".join(_dumps(e) + "\n" for e in entries).encode("utf-8")
 
 
 def _dumps(entry: dict[str, Any]) -> str:
@@ -284,13 +376,6 @@ def llava_next_args(t: dict[str, Any]) -> dict[str, Any]:
 # ---- images -------------------------------------------------------------------------------------
 
 
-def image_list(table: pa.Table) -> bytes:
-    """`sha256sum` lines for the distinct images of `table`, sorted by path (GNU escaping)."""
-    seen: dict[str, str] = {}
-    _add_images(seen, table)
-    return format_image_list(seen)
-
-
 def _add_images(seen: dict[str, str], table: pa.Table) -> None:
     for source, images in zip(table.column("source").to_pylist(), table.column("images").to_pylist()):
         for image in images or ():
@@ -325,7 +410,8 @@ IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
 def embedded(hf: pa.Table, reader: _ImageReader) -> pa.Table:
-    """`hf` with `image` as lists of {bytes, path} (each distinct image read once)."""
+    """`hf` with `image` as lists of {bytes, path} (each distinct image of `hf` read once: the op
+    embeds a piece of BATCH_ROWS records at a time, so only that piece's images are in memory)."""
     cache: dict[str, bytes] = {}
     values: list[list[dict[str, Any]]] = []
     sources = hf.column("source").to_pylist()
@@ -368,8 +454,24 @@ def _feature(t: pa.DataType) -> Any:
 # ---- HF datasets and Parquet --------------------------------------------------------------------
 
 
-def hf_table(table: pa.Table) -> pa.Table:
-    """The export columns: image paths prefixed with their source, scores as a struct of floats.
+def score_names(recs: Records) -> list[str]:
+    """Every score name of the stage, sorted (read from the scores column alone)."""
+    names: set[str] = set()
+    for batch in recs.batches(["scores"]):
+        names.update(_score_names(batch.column("scores").combine_chunks()))
+    return sorted(names)
+
+
+def _score_names(scores: pa.MapArray) -> set[str]:
+    offsets = scores.offsets.to_numpy()
+    keys = scores.keys.slice(offsets[0], offsets[-1] - offsets[0])  # `keys` ignores the array's slice
+    return set(pc.unique(keys).to_pylist()) if len(keys) else set()
+
+
+def hf_table(table: pa.Table, score_names: list[str] | None = None) -> pa.Table:
+    """The export columns: image paths prefixed with their source, scores as a struct of floats
+    (a field per name of `score_names`: the whole stage's, so every batch has the same columns;
+    those of `table` when None).
 
     A `_sha256` column (the images' digests) rides along for `embedded`; the writers drop it.
     """
@@ -389,11 +491,13 @@ def hf_table(table: pa.Table) -> pa.Table:
                                                                        "data_type")}
     columns["image"] = image
     for name in ("conversations", "image_tags", "instruction_tags"):
-        columns[name] = table.column(name)
+        # one spelling of the list fields (`item`), whether the records came from Parquet (`element`) or not
+        columns[name] = table.column(name).cast(records.SCHEMA.field(name).type)
     scores = table.column("scores").combine_chunks() if n else None
-    names = sorted(set(pc.unique(scores.keys).to_pylist())) if scores is not None and len(scores.keys) else []
+    names = score_names if score_names is not None else sorted(_score_names(scores)) if scores is not None else []
     if names:
-        fields = [pc.map_lookup(scores, pa.scalar(name, pa.string()), "first").cast(pa.float64()) for name in names]
+        fields = [pc.map_lookup(scores, pa.scalar(name, pa.string()), "first").cast(pa.float64()) if n
+                  else pa.array([], pa.float64()) for name in names]
         columns["scores"] = pa.StructArray.from_arrays(fields, names=names)
     columns["_sha256"] = shas
     return pa.table(columns)
@@ -401,45 +505,3 @@ def hf_table(table: pa.Table) -> pa.Table:
 
 def _public(table: pa.Table) -> pa.Table:
     return table.drop_columns(["_sha256"]) if "_sha256" in table.column_names else table
-
-
-def _shards(table: pa.Table, max_bytes: int) -> list[pa.Table]:
-    shards = max(1, math.ceil(table.nbytes / max_bytes)) if table.num_rows else 1
-    per_shard = math.ceil(table.num_rows / shards) if table.num_rows else 0
-    return [table.slice(i * per_shard, per_shard) if table.num_rows else table for i in range(shards)]
-
-
-def hf_files(hf: pa.Table, stage: str) -> dict[str, bytes]:
-    """The files of `Dataset.save_to_disk`, written directly (deterministic bytes)."""
-    hf = _public(hf)
-    parts = _shards(hf, HF_SHARD_BYTES)
-    files: dict[str, bytes] = {}
-    names = []
-    for i, part in enumerate(parts):
-        name = f"data-{i:05d}-of-{len(parts):05d}.arrow"
-        sink = io.BytesIO()
-        with pa.ipc.new_stream(sink, hf.schema) as writer:
-            writer.write_table(part, max_chunksize=HF_BATCH_ROWS)
-        files[name] = sink.getvalue()
-        names.append(name)
-    digest = hashlib.sha256(b"".join(files[n] for n in names)).hexdigest()[:16]
-    state = {"_data_files": [{"filename": n} for n in names], "_fingerprint": digest, "_format_columns": None,
-             "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None}
-    info: dict[str, Any] = {"citation": "", "description": f"Training data of stage {stage}, exported by recipec.",
-                            "homepage": "", "license": ""}
-    if hf.schema.metadata and b"huggingface" in hf.schema.metadata:
-        info["features"] = json.loads(hf.schema.metadata[b"huggingface"])["info"]["features"]
-    files["state.json"] = (json.dumps(state, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    files["dataset_info.json"] = (json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    return files
-
-
-def parquet_files(hf: pa.Table, stage: str) -> dict[str, bytes]:
-    hf = _public(hf)
-    parts = _shards(hf, PARQUET_SHARD_BYTES)
-    files = {}
-    for i, part in enumerate(parts):
-        sink = io.BytesIO()
-        pq.write_table(part, sink, **PARQUET_OPTIONS)
-        files[f"{stage}-{i:05d}-of-{len(parts):05d}.parquet"] = sink.getvalue()
-    return files
