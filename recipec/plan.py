@@ -38,7 +38,7 @@ OP_VERSIONS = {
     "dedup_phash": 2,
     "clean": 1,
     "mix": 1,
-    "export": 2,
+    "export": 3,  # 3: files cut in fixed pieces, each depending on its records alone
     "train": 1,
 }
 

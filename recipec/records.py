@@ -69,19 +69,20 @@ def record_id(source: str, images: list[dict[str, Any]], conversations: list[dic
         content["copy"] = copy
     content["images"] = [i["sha256"] for i in images]
     content["source"] = source
-    try:  # keys in sorted order: orjson writes the same bytes as `_content_json`, several times faster
+    return content_digest(content)
+
+
+def content_digest(content: dict[str, Any]) -> str:
+    """The id of a record's content: sha256 of its canonical JSON (sorted keys, compact, UTF-8).
+    `content`'s keys come in sorted order, so orjson writes those same bytes, several times faster."""
+    try:
         payload = orjson.dumps(content)
     except TypeError:  # what orjson refuses (a lone surrogate, a huge int): json.dumps decides
-        payload = _content_json(source, images, conversations, copy).encode("utf-8")
+        payload = _canonical(content).encode("utf-8")
     return hashlib.sha256(payload).hexdigest()[:32]
 
 
-def _content_json(source: str, images: list[dict[str, Any]], conversations: list[dict[str, str]], copy: int) -> str:
-    """The canonical JSON of a record's content: the definition `record_id` hashes."""
-    content: dict[str, Any] = {"source": source, "images": [i["sha256"] for i in images],
-                               "conversations": [[t["from"], t["value"]] for t in conversations]}
-    if copy:
-        content["copy"] = copy
+def _canonical(content: dict[str, Any]) -> str:
     return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 

@@ -447,3 +447,54 @@ def test_a_json_array_read_in_small_windows_reads_as_one(tmp_path: Path, monkeyp
     truncated.write_bytes(data[: len(data) // 2])
     cut = run(tmp_path, src)
     assert cut[1][-1].detail == "the file ends before the array is closed"
+
+
+def test_columnar_reading_gives_what_reading_line_by_line_gives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of lines in every shape, plain and hostile: pyarrow's columnar path and the per-line
+    path prepare the same rows, texts, rejects and candidates, in the same order."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    from recipec.ops import ingest_columnar
+
+    turn = st.fixed_dictionaries({"from": st.sampled_from(["human", "gpt", "system"]),
+                                  "value": st.sampled_from(["Q?", "A.", "<image>\nQ", "2020-01-01", "é 日本"])},
+                                 optional={"extra": st.just(1)})
+    plain_qa = st.just([{"from": "human", "value": "What?"}, {"from": "gpt", "value": "That."}])
+    record = st.fixed_dictionaries({"conversations": plain_qa | st.lists(turn, max_size=4)}, optional={
+        "id": st.sampled_from(["a1", "a1", 7, 2.5, True, "2020-01-01", 12345678901234567890123, None]),
+        "data_type": st.sampled_from(["ocr", "math_reasoning", "nope", 3, None]),
+        "image_tags": st.sampled_from([["cat"], [], ["a", None], "x", None]),
+        "instruction_tags": st.sampled_from([["count"], None]),
+        "loss": st.sampled_from([0.5, 2, None, "high", True]),
+        "score": st.sampled_from([1.25, -3]),
+        "scores": st.sampled_from([{"q": 1}, {"q": 0.5, "loss": 9, "t": "x"}, {}, [1], None]),
+        "image": st.sampled_from(["a.png", ["a.png", "b.png"], [], None]),
+        "category": st.sampled_from(["ocr", 5]),
+    })
+    odd = st.sampled_from([b"", b"   ", b'{"id": "x", "conversations": [', b"[1, 2]", b'"text"',
+                           b'{"a": NaN}', b'{"id": "d", "id": "e"}', b'{"a": 1} {"b": 2}', b'{"v": "\\ud800"}',
+                           b'\xef\xbb\xbf{"conversations": []}', b'{"v": "\xff"}', b'{"v": "tab\x01"}'])
+    line = st.one_of(record.map(lambda r: json.dumps(r, ensure_ascii=False).encode("utf-8")), odd)
+
+    src = ingest.ir.Source.model_validate(source(images=None))
+    mixed = ingest.ir.Source.model_validate(source(images=None, data_type="mixed"))
+
+    def prepared(lines: list[bytes], s: Any, columnar: bool) -> tuple:
+        monkeypatch.setattr(ingest_columnar, "eligible", lambda _source: columnar)
+        p = ingest._prepare(ingest._Lines([ln + b"\n" for ln in lines], "f.jsonl", 3, "id"), s, "ingest.src")
+        return (p.kinds, p.rows.to_pylist(), p.texts, [(r.origin, r.reason, r.detail, r.record) for r in p.rejects],
+                [(c.origin, c.image_paths, c.conversations, c.scores, c.source_id) for c in p.candidates])
+
+    @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(line, min_size=1, max_size=25), st.booleans())
+    def check(lines: list[bytes], is_mixed: bool) -> None:
+        s = mixed if is_mixed else src
+        assert prepared(lines, s, True) == prepared(lines, s, False)
+
+    check()
+    many = [json.dumps({"id": f"r{i}", "loss": i / 4, "conversations": qa(images=0)}).encode() for i in range(300)]
+    fast = prepared(many, src, True)
+    assert fast == prepared(many, src, False) and len(fast[1]) == 300
+    rows, texts, accepted = ingest_columnar.read(many, list(range(1, 301)), "f.jsonl", src, "ingest.src",
+                                                 ingest._KNOWN_FIELDS)
+    assert accepted.all() and rows.num_rows == 300  # the plain records are all read columnar

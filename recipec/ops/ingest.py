@@ -84,6 +84,7 @@ import pyarrow as pa
 
 from recipec import ir, records
 from recipec.ops import images as imaging
+from recipec.ops import ingest_columnar
 from recipec.ops.base import Chunk, OperationError, Reject, StepContext
 from recipec.ops.collect import Rebatcher, canonical_json
 
@@ -253,8 +254,45 @@ def _fewer_collections() -> Iterator[None]:
 
 def _prepare_block(block: _Lines | list[_Raw | _Candidate], source: ir.Source, step_id: str) -> _Prepared:
     if isinstance(block, _Lines):
-        block = [raw for number, line in enumerate(block.lines, start=block.first)
-                 for raw in _jsonl_line(line, f"{block.shown}:{number}", block.id_key)]
+        return _prepare_lines(block, source, step_id)
+    return _prepare_items(block, source, step_id)
+
+
+def _prepare_lines(block: _Lines, source: ir.Source, step_id: str) -> _Prepared:
+    """Lines of JSON Lines: the plain records columnar (`ingest_columnar`), the others one by one."""
+    numbered = [(number, line) for number, line in enumerate(block.lines, start=block.first) if line.strip()]
+    if not numbered or not ingest_columnar.eligible(source):
+        return _prepare_items([raw for number, line in numbered
+                               for raw in _jsonl_line(line, f"{block.shown}:{number}", block.id_key)], source, step_id)
+    fast, fast_texts, accepted = ingest_columnar.read(
+        [line for _, line in numbered], [number for number, _ in numbered], block.shown, source, step_id, _KNOWN_FIELDS)
+    slow = _prepare_items([raw for (number, line), done in zip(numbered, accepted.tolist()) if not done
+                           for raw in _jsonl_line(line, f"{block.shown}:{number}", block.id_key)], source, step_id)
+    if not slow.kinds:
+        return _Prepared(bytes([_ROW]) * fast.num_rows, fast, fast_texts, [], [])
+    kinds = bytearray()
+    order: list[int] = []  # rows of `fast`, then of `slow.rows` (offset by fast.num_rows)
+    texts: list[str] = []
+    next_fast = next_item = next_slow_row = 0
+    for done in accepted.tolist():  # every non-blank line is one row of `fast` or one item of `slow`
+        if done:
+            kinds.append(_ROW)
+            order.append(next_fast)
+            texts.append(fast_texts[next_fast])
+            next_fast += 1
+            continue
+        kind = slow.kinds[next_item]
+        next_item += 1
+        kinds.append(kind)
+        if kind == _ROW:
+            order.append(fast.num_rows + next_slow_row)
+            texts.append(slow.texts[next_slow_row])
+            next_slow_row += 1
+    rows = pa.concat_tables([fast, slow.rows]).take(pa.array(order, pa.int64()))
+    return _Prepared(bytes(kinds), rows, texts, slow.candidates, slow.rejects)
+
+
+def _prepare_items(block: list[_Raw | _Candidate], source: ir.Source, step_id: str) -> _Prepared:
     kinds = bytearray()
     columns: dict[str, list[Any]] = {name: [] for name in records.SCHEMA.names}
     ids, origins, turns, categories, types, image_tags, instruction_tags, scores, source_ids = (

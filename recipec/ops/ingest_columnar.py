@@ -1,0 +1,251 @@
+"""ingest's fast path for JSON Lines: a block of lines parsed by `pyarrow.json` and checked column
+by column, for the records in the common shape.
+
+The rule is the one `ingest._plain_candidate` keeps: accept only what the full checks accept, with
+the same result, and leave everything else to them. So a line goes back to the per-line path
+(`ingest._jsonl_line`, then `_validate`) when anything about it is unusual: it has an image, it
+fails to parse here (pyarrow names the row, and the lines before and after it are parsed again
+without it), it holds a value the two parsers may read differently (NaN and Infinity, which
+pyarrow accepts, or a byte order mark), or a field has a type this path does not handle. Those
+lines keep their exact reasons and details; the records read here are the same rows, field for
+field, as the per-line path would give.
+
+Pyarrow parses a block in C++, several times faster than Python can build the objects, and the
+checks are vectorised; what is left per record in Python is its content id and its origin.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pj
+
+from recipec import ir, records
+
+MAX_SPLITS = 16  # rows pyarrow refuses in one block before the rest of it goes line by line
+_READ = pj.ReadOptions(use_threads=False, block_size=1 << 26)
+_PARSE = pj.ParseOptions(newlines_in_values=False)
+
+
+def eligible(source: ir.Source) -> bool:
+    """Whether a source's records can be read here: no renamed columns, not an image folder."""
+    return not source.columns and source.format in ("llava_jsonl", "llava_json")
+
+
+def read(lines: list[bytes], numbers: list[int], shown: str, source: ir.Source, step_id: str,
+         known_fields: frozenset[str] | set[str]) -> tuple[pa.Table, list[str], np.ndarray]:
+    """The plain records among `lines` (no blank ones) as rows in records.SCHEMA, `id` being their
+    content id; their texts (for a later reject); and which lines they are (the others are left)."""
+    accepted = np.zeros(len(lines), dtype=bool)
+    usable = np.array([not (b"NaN" in line or b"Infinity" in line or line.startswith(b"\xef\xbb\xbf"))
+                       for line in lines], dtype=bool)
+    tables: list[pa.Table] = []
+    texts: list[str] = []
+    splits = 0
+    start = 0
+    while start < len(lines):
+        if not usable[start]:
+            start += 1
+            continue
+        end = start
+        while end < len(lines) and usable[end]:
+            end += 1
+        try:
+            parsed = pj.read_json(io.BytesIO(b"".join(lines[start:end])), read_options=_READ, parse_options=_PARSE)
+        except pa.ArrowInvalid as e:
+            bad = _row_of(str(e))
+            splits += 1
+            if bad is None or splits > MAX_SPLITS or start + bad >= end:
+                break  # the rest of the block line by line
+            usable[start + bad] = False
+            continue  # the same run again, without the line pyarrow refused
+        except Exception:  # e.g. bytes that are not UTF-8: the per-line path says what is wrong
+            break
+        if parsed.num_rows != end - start:  # a line with two values: the per-line path rejects it
+            usable[start:end] = False
+            continue
+        table, ok, row_texts = _convert(parsed, lines[start:end], numbers[start:end], shown, source, step_id,
+                                        known_fields)
+        tables.append(table)
+        texts.extend(row_texts)
+        accepted[start:end] = ok
+        start = end
+    rows = pa.concat_tables(tables) if tables else records.SCHEMA.empty_table()
+    return rows, texts, accepted
+
+
+def _row_of(message: str) -> int | None:
+    """The row pyarrow names in a parse error ("... in row 17")."""
+    head, sep, tail = message.rpartition(" in row ")
+    return int(tail) if sep and tail.strip().isdigit() else None
+
+
+def _column(table: pa.Table, name: str) -> pa.Array | None:
+    return table.column(name).combine_chunks() if name in table.column_names else None
+
+
+def _valid(array: pa.Array) -> np.ndarray:
+    return np.asarray(array.is_valid(), dtype=bool) if array.null_count else np.ones(len(array), dtype=bool)
+
+
+def _strings(array: pa.Array | None) -> bool:
+    return array is not None and (pa.types.is_string(array.type) or pa.types.is_large_string(array.type))
+
+
+def _is_null(array: pa.Array | None) -> bool:
+    return array is None or pa.types.is_null(array.type)
+
+
+def _per_row(flags: np.ndarray, parents: np.ndarray, n: int) -> np.ndarray:
+    """Rows with at least one flagged child."""
+    return np.bincount(parents[flags], minlength=n) > 0 if flags.any() else np.zeros(n, dtype=bool)
+
+
+def _convert(t: pa.Table, lines: list[bytes], numbers: list[int], shown: str, source: ir.Source, step_id: str,
+             known_fields: frozenset[str] | set[str]) -> tuple[pa.Table, np.ndarray, list[str]]:
+    n = t.num_rows
+    ok = np.ones(n, dtype=bool)
+
+    for key in ("image", "images"):  # a record with images is inspected first: the per-line path
+        column = _column(t, key)
+        if not _is_null(column):
+            ok &= ~_valid(column)
+
+    conversations = _column(t, "conversations")
+    turn_type = conversations.type.value_type if conversations is not None and pa.types.is_list(conversations.type) \
+        else None
+    if turn_type is None or not pa.types.is_struct(turn_type) or turn_type.get_field_index("from") < 0 \
+            or turn_type.get_field_index("value") < 0:
+        return records.SCHEMA.empty_table(), np.zeros(n, dtype=bool), []
+    turns = conversations.flatten()
+    who, said = turns.field("from"), turns.field("value")
+    if not (_strings(who) and _strings(said)):
+        return records.SCHEMA.empty_table(), np.zeros(n, dtype=bool), []
+    ok &= _valid(conversations)
+    lengths = np.asarray(pc.list_value_length(conversations).fill_null(0), dtype=np.int64)
+    ok &= (lengths >= 2) & (lengths % 2 == 0)
+    parents = np.repeat(np.arange(n), lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    asking = (np.arange(len(turns)) - starts[parents]) % 2 == 0
+    human = np.asarray(pc.equal(who, records.USER).fill_null(False), dtype=bool)
+    answer = np.asarray(pc.equal(who, records.ASSISTANT).fill_null(False), dtype=bool)
+    tokens = np.asarray(pc.count_substring(said, records.IMAGE_TOKEN).fill_null(0), dtype=np.int64)
+    bad_turn = ~_valid(turns) | ~_valid(said) | np.where(asking, ~human, ~answer) | (~asking & (tokens > 0))
+    ok &= ~_per_row(bad_turn, parents, n)
+    ok &= np.bincount(parents, weights=tokens, minlength=n) == 0  # no image, so no <image> token
+
+    data_type = _column(t, "data_type")
+    if _strings(data_type):
+        known = np.asarray(pc.is_in(data_type, pa.array(list(ir.DATA_TYPES))).fill_null(False), dtype=bool)
+        data_types = pc.if_else(pa.array(known), data_type, pa.scalar(source.data_type))
+    else:
+        known = np.zeros(n, dtype=bool)
+        if not _is_null(data_type):  # a number, say: the per-line path says what it makes of it
+            ok &= ~_valid(data_type)
+        data_types = pa.array([source.data_type] * n, pa.string())
+    if source.data_type == "mixed":  # each record names its own type, or is rejected
+        ok &= known
+
+    tags = {}
+    for key in ("image_tags", "instruction_tags"):
+        column = _column(t, key)
+        if _is_null(column):
+            tags[key] = pa.array([[]] * n, pa.list_(pa.string()))
+            continue
+        if not pa.types.is_list(column.type) or not (pa.types.is_string(column.type.value_type)
+                                                     or pa.types.is_null(column.type.value_type)):
+            ok &= ~_valid(column)
+            tags[key] = pa.array([[]] * n, pa.list_(pa.string()))
+            continue
+        items = column.flatten()
+        counts = np.asarray(pc.list_value_length(column).fill_null(0), dtype=np.int64)
+        ok &= ~_per_row(~_valid(items), np.repeat(np.arange(n), counts), n)
+        tags[key] = column.fill_null(pa.scalar([], column.type)).cast(pa.list_(pa.string()))
+
+    own = _column(t, "id")
+    if _is_null(own) or pa.types.is_boolean(own.type):
+        source_ids: list[str | None] = [None] * n
+    elif _strings(own):
+        source_ids = own.to_pylist()
+    elif pa.types.is_int64(own.type):
+        source_ids = own.cast(pa.string()).to_pylist()
+    else:  # a float (an integer past 64 bits, say), a timestamp pyarrow saw in a string: line by line
+        ok &= ~_valid(own)
+        source_ids = [None] * n
+
+    numeric = [name for name in t.column_names if name not in known_fields
+               and (pa.types.is_int64(t.schema.field(name).type) or pa.types.is_float64(t.schema.field(name).type))]
+    given = _column(t, "scores")
+    nested: list[str] = []
+    if not _is_null(given):
+        if pa.types.is_struct(given.type):
+            nested = [f.name for f in given.type if pa.types.is_int64(f.type) or pa.types.is_float64(f.type)]
+        else:
+            ok &= ~_valid(given)
+            given = None
+
+    keep = np.flatnonzero(ok)
+    if not len(keep):
+        return records.SCHEMA.empty_table(), ok, []
+    picked = pa.array(keep)
+    kept_turns = conversations.take(picked)
+    flat = kept_turns.flatten()
+    froms, values = flat.field("from").to_pylist(), flat.field("value").to_pylist()
+    kept_lengths = lengths[keep].tolist()
+
+    ids, origins, texts, scores = [], [], [], []
+    columns = {name: t.column(name).take(picked).to_pylist() for name in numeric}
+    nested_columns = {name: given.field(name).take(picked).to_pylist() for name in nested} if nested else {}
+    given_valid = _valid(given)[keep] if nested else None
+    at = 0
+    name = source.name
+    for k, row in enumerate(keep.tolist()):
+        m = kept_lengths[k]
+        pairs = [[froms[j], values[j]] for j in range(at, at + m)]
+        at += m
+        ids.append(_content_id(name, pairs))
+        sid = source_ids[row]
+        origins.append(f"{shown}:{numbers[row]}" + (f" id={sid}" if sid is not None else ""))
+        texts.append(lines[row].decode("utf-8").strip())
+        entry = {key: float(v) for key in numeric if (v := columns[key][k]) is not None}
+        if nested and given_valid[k]:
+            entry.update({key: float(v) for key in nested if (v := nested_columns[key][k]) is not None})
+        scores.append(sorted(entry.items()))
+
+    count = len(keep)
+    table = pa.Table.from_arrays([
+        pa.array(ids, pa.string()),
+        pa.array([name] * count, pa.string()),
+        pa.array(origins, pa.string()),
+        pa.array([[]] * count, records.SCHEMA.field("images").type),
+        _turns(kept_turns, count),
+        pa.array([source.category] * count, pa.string()),
+        data_types.take(picked).cast(pa.string()),
+        tags["image_tags"].take(picked),
+        tags["instruction_tags"].take(picked),
+        pa.array(scores, records.SCHEMA.field("scores").type),
+        pa.array([[step_id]] * count, records.SCHEMA.field("provenance").type),
+        pa.array([source_ids[r] for r in keep.tolist()], pa.string()),
+    ], schema=records.SCHEMA)
+    return table, ok, texts
+
+
+def _turns(conversations: pa.Array, count: int) -> pa.Array:
+    """The turns as records.TURN lists: `from` and `value` only, whatever else a turn held."""
+    flat = conversations.flatten()
+    turn = records.SCHEMA.field("conversations").type.value_type
+    values = pa.StructArray.from_arrays([flat.field("from").cast(pa.string()), flat.field("value").cast(pa.string())],
+                                        fields=list(turn))
+    lengths = np.asarray(pc.list_value_length(conversations).fill_null(0), dtype=np.int32)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, values, type=records.SCHEMA.field("conversations").type)
+
+
+def _content_id(source: str, pairs: list[list[str]]) -> str:
+    """records.record_id of a record without images, from its (from, value) pairs."""
+    return records.content_digest({"conversations": pairs, "images": [], "source": source})
