@@ -192,6 +192,97 @@ def test_a_killed_step_resumes_without_redoing_finished_partitions(project, data
     assert output_digest(threshold.manifest) == output_digest(_manifests(data_runs / "local")[THRESHOLD])
 
 
+GLOBAL_OPS = {"dedup_exact", "dedup_phash", "percentile", "mix"}
+PASSES = re.compile(r"step (\S+) \((\w+)\) on Ray: (\d+) partition\(s\) of its per-record pass, (\d+) to run")
+
+
+def _same_step(manifest: dict, expected: dict) -> None:
+    for part in ("records", "rejects", "files"):
+        assert [(e["name"], e["sha256"]) for e in manifest.get(part, ())] == \
+            [(e["name"], e["sha256"]) for e in expected.get(part, ())], (manifest["step"], part)
+    assert (manifest["records_in"], manifest["dropped"]) == (expected["records_in"], expected["dropped"])
+
+
+def test_global_steps_run_their_per_record_pass_in_partitions(project, data_runs, tmp_path, caplog):
+    """dedup_exact, dedup_phash (the images hashed per partition), percentile and mix: the per-record
+    pass as several Ray tasks, the decision over their compact results, the local bytes."""
+    from recipec.compiler import compile_file
+
+    plan = build_plan(compile_file(project / "data.recipe").recipe)
+    local = _manifests(data_runs / "local")
+    steps = {step for step, m in local.items() if m["op"] in GLOBAL_OPS}
+    store_dir = tmp_path / "store"
+    shutil.copytree(data_runs / "ray", store_dir, ignore=shutil.ignore_patterns("lock"))
+    _drop_steps(store_dir, steps)
+    caplog.set_level("INFO", logger="recipec.run")
+    result = execute_ray(plan, store=Store(store_dir), recipe_dir=project, until=sorted(steps),
+                         options=RayOptions(partition_rows=64))
+    for outcome in result.outcomes:
+        _same_step(outcome.manifest, local[outcome.id])
+    assert {o.id for o in result.outcomes if not o.cached} == steps
+    passes = {step: (op, int(n), int(todo)) for step, op, n, todo in PASSES.findall(caplog.text)}
+    assert set(passes) == steps and all(n == todo for _, n, todo in passes.values())
+    most = {op: max(n for o, n, _ in passes.values() if o == op) for op in GLOBAL_OPS}
+    assert all(n >= 3 for n in most.values()), most  # >= 130 records in each op's input, 64 to a partition
+    assert not list(store_dir.glob("work/*"))  # the partitions went with the committed steps
+
+
+def _flaky_phash(calls: Path, marker: Path, poisoned: str):
+    """dedup_phash whose per-record pass fails on the partition holding `poisoned` while `marker` exists."""
+    from recipec.ops import dedup
+
+    def per_record(ctx, inputs):
+        ids = [i for t in inputs for i in t.column("id").to_pylist()]
+        with open(calls, "a") as f:
+            f.write(f"{len(ids)}\n")
+        if marker.exists() and poisoned in ids:
+            raise OperationError("injected failure")
+        return dedup.image_hashes(ctx, inputs)
+
+    def run(ctx, inputs):
+        yield from dedup.decide_phash(ctx, inputs, per_record(ctx, inputs))
+
+    run.streams, run.per_record, run.combine, run.decide = True, per_record, dedup.combine_hashes, dedup.decide_phash
+    return run
+
+
+def test_a_killed_global_step_redoes_only_the_partitions_not_finished(project, data_runs, tmp_path):
+    import cloudpickle
+
+    from recipec.compiler import compile_file
+    from recipec.ops.registry import OPERATIONS
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    plan = build_plan(compile_file(project / "data.recipe").recipe)
+    local = _manifests(data_runs / "local")
+    step = next(s for s, m in local.items() if m["op"] == "dedup_phash")
+    store_dir = tmp_path / "store"
+    shutil.copytree(data_runs / "ray", store_dir, ignore=shutil.ignore_patterns("lock"))
+    _drop_steps(store_dir, {step})
+    store = Store(store_dir)
+    upstream = local[plan.steps[step].inputs[0]]
+    ids = store.read_records(upstream["key"], upstream).column("id").to_pylist()
+    size = 40
+    total = -(-len(ids) // size)
+    poisoned = (total - 2) * size  # the partition before the last
+    calls, marker = tmp_path / "calls", tmp_path / "marker"
+    marker.touch()
+    operations = {**OPERATIONS, "dedup_phash": _flaky_phash(calls, marker, ids[poisoned])}
+    options = RayOptions(partition_rows=size)
+    with pytest.raises(StepFailed, match=f"partition {total - 2}: injected failure"):
+        execute_ray(plan, store=store, recipe_dir=project, until=[step], operations=operations, options=options)
+    parts = list(store_dir.glob("work/*/partitions/part-*.pkl"))
+    assert 1 <= len(parts) <= total - 1 and all(f"-{poisoned}-" not in p.name for p in parts)
+    assert not list(store_dir.glob("work/*/whole"))  # no decision without every partition
+    marker.unlink()
+    calls.unlink()
+    result = execute_ray(plan, store=store, recipe_dir=project, until=[step], operations=operations, options=options)
+    assert len(calls.read_text().split()) == total - len(parts)  # only the partitions not finished
+    outcome = next(o for o in result.outcomes if o.id == step)
+    assert not outcome.cached
+    _same_step(outcome.manifest, local[step])
+
+
 def test_ray_missing_is_exit_2_with_the_install_hint(project, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)
     monkeypatch.setitem(sys.modules, "ray.data", None)

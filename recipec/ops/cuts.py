@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -42,7 +43,19 @@ def scores_of(table: pa.Table, field: str) -> np.ndarray:
     return np.asarray(pc.fill_null(found.cast(pa.float64()), math.nan).to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
-def _prepare(ctx: StepContext, inputs: list[Any]):
+@dataclass
+class ScoreColumn:
+    """percentile's per-record pass: whether each record is judged, and its score (NaN: none)."""
+
+    judged: np.ndarray  # bool per record
+    values: np.ndarray  # float64 per record
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.values)
+
+
+def score_column(ctx: StepContext, inputs: list[Any]) -> ScoreColumn:
     """One pass over the sources and the score: a bool and a float per record, nothing more."""
     recs = Records(inputs)
     condition = ir.Condition.model_validate(ctx.params["condition"])
@@ -54,10 +67,27 @@ def _prepare(ctx: StepContext, inputs: list[Any]):
         judged[start:start + m] = source_mask(batch, ctx.params.get("on"))
         values[start:start + m] = scores_of(batch, condition.field)
         start += m
-    missing = judged & np.isnan(values)
+    return ScoreColumn(judged, values)
+
+
+def combine_scores(parts: Sequence[ScoreColumn]) -> ScoreColumn:
+    """The passes over consecutive ranges of the input, as one pass over all of it."""
+    if not parts:
+        return ScoreColumn(np.zeros(0, dtype=bool), np.zeros(0, dtype=np.float64))
+    return ScoreColumn(np.concatenate([p.judged for p in parts]), np.concatenate([p.values for p in parts]))
+
+
+def _missing(condition: ir.Condition, column: ScoreColumn) -> dict[int, tuple[str, str]]:
+    missing = column.judged & np.isnan(column.values)
     reason = ("score_missing", f"no `{condition.field}` score to judge")
-    dropped = {row: reason for row in np.flatnonzero(missing).tolist()}
-    return recs, condition, judged, values, dropped
+    return {row: reason for row in np.flatnonzero(missing).tolist()}
+
+
+def _prepare(ctx: StepContext, inputs: list[Any]):
+    recs = Records(inputs)
+    column = score_column(ctx, inputs)
+    condition = ir.Condition.model_validate(ctx.params["condition"])
+    return recs, condition, column.judged, column.values, _missing(condition, column)
 
 
 def run_threshold(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
@@ -75,11 +105,28 @@ def run_threshold(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
 
 
 def run_percentile(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
-    recs, c, judged, values, dropped = _prepare(ctx, inputs)
+    """percentile: its per-record pass (`score_column`) over all its input, then the cut (`cut_percentile`)."""
+    _check_percentile(ctx)
+    yield from cut_percentile(ctx, inputs, score_column(ctx, inputs))
+
+
+def _check_percentile(ctx: StepContext) -> ir.Condition:
+    c = ir.Condition.model_validate(ctx.params["condition"])
     if c.op not in ("top", "bottom"):
         raise OperationError(f"a percentile cut takes `top` or `bottom`, not `{c.op}`")
     if not 0.0 <= c.value <= 1.0:
         raise OperationError(f"a percentile cut takes a fraction between 0 and 1, not {c.value:g}")
+    return c
+
+
+def cut_percentile(ctx: StepContext, inputs: list[Any], column: ScoreColumn) -> Iterator[Chunk]:
+    """percentile's decision, over the floats of `score_column` (the inputs are read again only for
+    the ids of records tied at the cut, and to write the output)."""
+    recs = Records(inputs)
+    c = _check_percentile(ctx)
+    if column.num_rows != recs.num_rows:
+        raise RuntimeError(f"percentile: a score pass over {column.num_rows} records for {recs.num_rows} inputs")
+    judged, values, dropped = column.judged, column.values, _missing(c, column)
     rows = np.flatnonzero(judged & ~np.isnan(values))
     k = cut_size(c.value, len(rows))
     ranked = -values[rows] if c.op == "top" else values[rows]
@@ -96,6 +143,10 @@ def run_percentile(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
 
 run_threshold.streams = True  # type: ignore[attr-defined]
 run_percentile.streams = True  # type: ignore[attr-defined]
+# the split the Ray executor runs: the per-record pass per input partition, the decision once
+run_percentile.per_record = score_column  # type: ignore[attr-defined]
+run_percentile.combine = combine_scores  # type: ignore[attr-defined]
+run_percentile.decide = cut_percentile  # type: ignore[attr-defined]
 
 
 def cut_size(fraction: float, n: int) -> int:

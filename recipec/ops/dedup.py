@@ -90,15 +90,34 @@ def _preferred_why(winner_source: str, loser_source: str, prefer: Sequence[str] 
 # ---- exact --------------------------------------------------------------------------------------
 
 
-def run_exact(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
-    recs = Records(inputs)
+@dataclass
+class ExactKeys:
+    """dedup_exact's per-record pass: a 16-byte key per judged record that has one, and its source."""
+
+    judged: np.ndarray  # bool per record
+    rows: np.ndarray  # int64: the records with a key, in input order
+    keys: np.ndarray  # (len(rows), 2) uint64: the first 16 bytes of each one's sha256 key
+    codes: np.ndarray  # int32 per row: its source, an index into `names`
+    names: list[str]  # sources in the order first seen
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.judged)
+
+
+def _exact_by(ctx: StepContext) -> tuple[str, ...]:
     by = tuple(ctx.params.get("by") or ("image", "text"))
     unknown = set(by) - {"image", "text"}
     if unknown:
         raise OperationError(f"dedup exact compares `image` and `text`, not {', '.join(sorted(unknown))}")
-    prefer = ctx.params.get("prefer_sources") or ()
+    return by
+
+
+def exact_keys(ctx: StepContext, inputs: list[Any]) -> ExactKeys:
+    """Pass 1, batch by batch: the key of each judged record; nothing else is kept."""
+    recs = Records(inputs)
+    by = _exact_by(ctx)
     on = ctx.params.get("on")
-    # Pass 1: a 16-byte key per judged record and its source; nothing else is kept.
     n = recs.num_rows
     judged = np.zeros(n, dtype=bool)
     keys = np.zeros((n, 2), dtype=np.uint64)
@@ -122,30 +141,73 @@ def run_exact(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
                 has_key[start + i] = True
         start += m
     rows = np.flatnonzero(has_key)
-    names = list(source_names)
+    return ExactKeys(judged, rows, keys[rows], source_codes[rows], list(source_names))
+
+
+def _remap(parts_names: Sequence[list[str]], parts_codes: Sequence[np.ndarray]) -> tuple[list[str], np.ndarray]:
+    """Source codes of consecutive passes as the codes one pass would give (first-seen order)."""
+    names: dict[str, int] = {}
+    out = []
+    for part_names, part_codes in zip(parts_names, parts_codes):
+        table = np.array([names.setdefault(x, len(names)) for x in part_names] or [0], dtype=np.int32)
+        out.append(table[part_codes] if len(part_codes) else np.zeros(0, dtype=np.int32))
+    return list(names), (np.concatenate(out) if out else np.zeros(0, dtype=np.int32))
+
+
+def combine_exact(parts: Sequence[ExactKeys]) -> ExactKeys:
+    """The passes over consecutive ranges of the input, as one pass over all of it."""
+    offsets = np.cumsum([0, *(p.num_rows for p in parts)])
+    names, codes = _remap([p.names for p in parts], [p.codes for p in parts])
+    return ExactKeys(
+        judged=np.concatenate([p.judged for p in parts]) if parts else np.zeros(0, dtype=bool),
+        rows=np.concatenate([p.rows + o for p, o in zip(parts, offsets)]) if parts else np.zeros(0, dtype=np.int64),
+        keys=np.concatenate([p.keys for p in parts]) if parts else np.zeros((0, 2), dtype=np.uint64),
+        codes=codes, names=names)
+
+
+def run_exact(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
+    """dedup_exact: its per-record pass (`exact_keys`) over all its input, then the grouping (`decide_exact`)."""
+    yield from decide_exact(ctx, inputs, exact_keys(ctx, inputs))
+
+
+def decide_exact(ctx: StepContext, inputs: list[Any], found: ExactKeys) -> Iterator[Chunk]:
+    """dedup_exact's decision, over the keys of `exact_keys` (the inputs are read again only for the
+    kept copies' ids, and to write the output)."""
+    recs = Records(inputs)
+    by = _exact_by(ctx)
+    prefer = ctx.params.get("prefer_sources") or ()
+    if found.num_rows != recs.num_rows:
+        raise RuntimeError(f"dedup exact: a key pass over {found.num_rows} records for {recs.num_rows} inputs")
+    judged, rows, names = found.judged, found.rows, found.names
     # Same key: the copy kept is the preferred source's, then the first in input order.
-    rank = source_preference(names, prefer)[source_codes[rows]] if prefer else np.zeros(len(rows), dtype=np.int64)
-    order = np.lexsort((rows, rank, keys[rows, 1], keys[rows, 0]))
+    rank = source_preference(names, prefer)[found.codes] if prefer else np.zeros(len(rows), dtype=np.int64)
+    order = np.lexsort((rows, rank, found.keys[:, 1], found.keys[:, 0]))
     sorted_rows = rows[order]
-    sorted_keys = keys[sorted_rows]
-    del keys
+    sorted_keys = found.keys[order]
     first = np.ones(len(sorted_rows), dtype=bool)
     if len(sorted_rows) > 1:
         first[1:] = np.any(sorted_keys[1:] != sorted_keys[:-1], axis=1)
     del sorted_keys
-    winner = sorted_rows[np.maximum.accumulate(np.where(first, np.arange(len(sorted_rows)), 0))]
+    group_first = np.maximum.accumulate(np.where(first, np.arange(len(sorted_rows)), 0))
+    winner = sorted_rows[group_first]
     losers = np.flatnonzero(~first)
     ids = ids_at(recs, np.unique(winner[losers]))
     what = " and ".join(by)
     dropped: dict[int, tuple[str, str]] = {}
+    codes = found.codes[order]  # the source of each sorted row
+    winner_codes = codes[group_first]
     for k in losers.tolist():
         row, kept = int(sorted_rows[k]), int(winner[k])
-        why = _preferred_why(names[source_codes[kept]], names[source_codes[row]], prefer) or "earlier in input order"
+        why = _preferred_why(names[winner_codes[k]], names[codes[k]], prefer) or "earlier in input order"
         dropped[row] = ("exact_duplicate", f"same {what} as {ids[kept]} ({why})")
     yield from judge(ctx, recs, judged, dropped)
 
 
 run_exact.streams = True  # type: ignore[attr-defined]
+# the split the Ray executor runs: the per-record pass per input partition, the decision once
+run_exact.per_record = exact_keys  # type: ignore[attr-defined]
+run_exact.combine = combine_exact  # type: ignore[attr-defined]
+run_exact.decide = decide_exact  # type: ignore[attr-defined]
 
 
 def _exact_key(images: list[dict[str, Any]] | None, turns: list[dict[str, str]] | None) -> bytes | None:
@@ -166,19 +228,40 @@ def _exact_key(images: list[dict[str, Any]] | None, turns: list[dict[str, str]] 
 # ---- pHash --------------------------------------------------------------------------------------
 
 
-def run_phash(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
-    recs = Records(inputs)
-    params = ctx.params
-    max_distance = int(params.get("max_distance", 4))
-    keep = params.get("keep", "best")
+@dataclass
+class ImageHashes:
+    """dedup_phash's per-record pass: per judged record with a first image, its row, pHash, size,
+    source and file digest; and the records already rejected for their image (rows from 0)."""
+
+    judged: np.ndarray  # bool per record
+    dropped: dict[int, tuple[str, str]]  # row -> (reason, detail): images that cannot be resolved or hashed
+    rows: np.ndarray  # int64, in input order
+    hashes: np.ndarray  # uint64 per row
+    sizes: np.ndarray  # (len(rows), 2) int64: width, height
+    codes: np.ndarray  # int32 per row: its source, an index into `names`
+    digests: np.ndarray  # uint64 per row: the image file's sha256, first 8 bytes
+    names: list[str]  # sources in the order first seen
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.judged)
+
+
+def _phash_params(ctx: StepContext) -> tuple[int, str]:
+    keep = ctx.params.get("keep", "best")
     if keep not in KEEP_RULES:
         raise OperationError(f"dedup phash keeps the `best`, `largest` or `first` copy, not {keep!r}")
-    prefer = params.get("prefer_sources") or ()
-    roots: dict[str, str | None] = params.get("roots") or {}
-    on = params.get("on")
+    return int(ctx.params.get("max_distance", 4)), keep
+
+
+def image_hashes(ctx: StepContext, inputs: list[Any]) -> ImageHashes:
+    """Pass 1, batch by batch: the first image of each judged record, hashed (the expensive part,
+    `ctx.workers` processes); kept per record are only its row, hash, size and source."""
+    recs = Records(inputs)
+    _phash_params(ctx)
+    roots: dict[str, str | None] = ctx.params.get("roots") or {}
+    on = ctx.params.get("on")
     workers = max(1, ctx.workers)
-    # Pass 1, batch by batch: the first image of each judged record, hashed; kept per record are
-    # only its row, hash, size and source.
     n = recs.num_rows
     judged = np.zeros(n, dtype=bool)
     dropped: dict[int, tuple[str, str]] = {}
@@ -207,12 +290,51 @@ def run_phash(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
             source_parts.append(np.asarray(codes, dtype=np.int32)[ok])
             digest_parts.append(np.asarray(digests, dtype=np.uint64)[ok])
             start += m
-    candidates = np.concatenate(rows_parts) if rows_parts else np.zeros(0, dtype=np.int64)
-    hashes = np.concatenate(hash_parts) if hash_parts else np.zeros(0, dtype=np.uint64)
-    sizes = np.concatenate(size_parts) if size_parts else np.zeros((0, 2), dtype=np.int64)
-    codes = np.concatenate(source_parts) if source_parts else np.zeros(0, dtype=np.int32)
-    digests = np.concatenate(digest_parts) if digest_parts else np.zeros(0, dtype=np.uint64)
-    names = list(source_names)
+    return ImageHashes(
+        judged=judged, dropped=dropped,
+        rows=np.concatenate(rows_parts) if rows_parts else np.zeros(0, dtype=np.int64),
+        hashes=np.concatenate(hash_parts) if hash_parts else np.zeros(0, dtype=np.uint64),
+        sizes=np.concatenate(size_parts) if size_parts else np.zeros((0, 2), dtype=np.int64),
+        codes=np.concatenate(source_parts) if source_parts else np.zeros(0, dtype=np.int32),
+        digests=np.concatenate(digest_parts) if digest_parts else np.zeros(0, dtype=np.uint64),
+        names=list(source_names))
+
+
+def combine_hashes(parts: Sequence[ImageHashes]) -> ImageHashes:
+    """The passes over consecutive ranges of the input, as one pass over all of it."""
+    offsets = np.cumsum([0, *(p.num_rows for p in parts)]).tolist()
+    names, codes = _remap([p.names for p in parts], [p.codes for p in parts])
+    dropped = {row + offset: why for p, offset in zip(parts, offsets) for row, why in p.dropped.items()}
+
+    def cat(name: str, empty: np.ndarray) -> np.ndarray:
+        return np.concatenate([getattr(p, name) for p in parts]) if parts else empty
+
+    return ImageHashes(
+        judged=cat("judged", np.zeros(0, dtype=bool)), dropped=dropped,
+        rows=np.concatenate([p.rows + o for p, o in zip(parts, offsets)]) if parts else np.zeros(0, dtype=np.int64),
+        hashes=cat("hashes", np.zeros(0, dtype=np.uint64)), sizes=cat("sizes", np.zeros((0, 2), dtype=np.int64)),
+        codes=codes, digests=cat("digests", np.zeros(0, dtype=np.uint64)), names=names)
+
+
+def run_phash(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
+    """dedup_phash: its per-record pass (`image_hashes`) over all its input, then the pairing and
+    best-copy decision (`decide_phash`)."""
+    yield from decide_phash(ctx, inputs, image_hashes(ctx, inputs))
+
+
+def decide_phash(ctx: StepContext, inputs: list[Any], found: ImageHashes) -> Iterator[Chunk]:
+    """dedup_phash's decision, over the compact arrays of `image_hashes` (the inputs are read again
+    only for the paths and ids of records that have a near duplicate, and to write the output)."""
+    recs = Records(inputs)
+    max_distance, keep = _phash_params(ctx)
+    prefer = ctx.params.get("prefer_sources") or ()
+    roots: dict[str, str | None] = ctx.params.get("roots") or {}
+    workers = max(1, ctx.workers)
+    if found.num_rows != recs.num_rows:
+        raise RuntimeError(f"dedup phash: a hash pass over {found.num_rows} records for {recs.num_rows} inputs")
+    judged, dropped = found.judged, dict(found.dropped)
+    candidates, hashes, sizes, codes, digests = found.rows, found.hashes, found.sizes, found.codes, found.digests
+    names = found.names
     # Records that show the very same image (same file digest) are not near duplicates of each
     # other: one image often carries several instructions. Distinct images are compared, each
     # represented by its first record; a dropped image takes all its records with it.
@@ -235,9 +357,9 @@ def run_phash(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
         rank = np.full(len(hashes), len(hashes), dtype=np.int64)  # not involved: never compared
         rank[involved] = ranking(copies, keep, prefer)
         by_index = dict(zip(involved.tolist(), copies))
-        found = near_duplicates(hashes, max_distance, rank=rank, pairs=pairs)
-        ids = ids_at(recs, np.unique(np.array([candidates[w] for _, w, _ in found], dtype=np.int64)))
-        for loser, winner, distance in found:
+        near = near_duplicates(hashes, max_distance, rank=rank, pairs=pairs)
+        ids = ids_at(recs, np.unique(np.array([candidates[w] for _, w, _ in near], dtype=np.int64)))
+        for loser, winner, distance in near:
             why = by_index[winner].why(by_index[loser], keep, prefer)
             for member in members[bounds[loser]:bounds[loser + 1]].tolist():
                 dropped[int(record_rows[member])] = (
@@ -246,6 +368,9 @@ def run_phash(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
 
 
 run_phash.streams = True  # type: ignore[attr-defined]
+run_phash.per_record = image_hashes  # type: ignore[attr-defined]
+run_phash.combine = combine_hashes  # type: ignore[attr-defined]
+run_phash.decide = decide_phash  # type: ignore[attr-defined]
 
 
 def _root_of(source: str, roots: dict[str, str | None], recipe_dir: Path) -> Path:

@@ -111,12 +111,29 @@ class Selection:
 # ---- the operation ------------------------------------------------------------------------------
 
 
-def run(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
+@dataclass
+class MixColumns:
+    """mix's per-record pass: the columns a selection reads (id, source, the balancing group) and
+    the ordering score per record (NaN: none; None when the order reads no score)."""
+
+    columns: dict[str, pa.ChunkedArray]
+    order_values: np.ndarray | None
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.columns["id"])
+
+
+def _wanted(spec: MixSpec) -> list[str]:
+    return ["id", "source", *([spec.balance.by] if spec.balance is not None and spec.balance.by != "source" else []),
+            *(["scores"] if spec.order.kind in ("ascending", "descending") else [])]
+
+
+def mix_columns(ctx: StepContext, inputs: list[Any]) -> MixColumns:
+    """Pass 1: the columns a selection reads (ids, sources, the balancing group, the ordering score)."""
     recs = Records(inputs)
     spec = MixSpec.from_params(ctx.params)
-    # Pass 1: the columns a selection reads (ids, sources, the balancing group, the ordering score).
-    wanted = ["id", "source", *([spec.balance.by] if spec.balance is not None and spec.balance.by != "source" else []),
-              *(["scores"] if spec.order.kind in ("ascending", "descending") else [])]
+    wanted = _wanted(spec)
     parts: dict[str, list[pa.Array]] = {c: [] for c in wanted}
     order_parts = []
     for batch in recs.batches(wanted):
@@ -126,10 +143,37 @@ def run(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
         if "scores" in wanted:
             order_parts.append(scores_of(batch, spec.order.field))
     columns = {c: pa.chunked_array(v, type=records.SCHEMA.field(c).type) for c, v in parts.items() if c != "scores"}
-    group_column = columns[spec.balance.by] if spec.balance is not None else None
     order_values = (np.concatenate(order_parts) if order_parts else np.zeros(0)) if "scores" in wanted else None
-    chosen = select(columns["id"], columns["source"], spec, groups=group_column, order_values=order_values)
-    del columns, group_column, parts
+    return MixColumns(columns, order_values)
+
+
+def combine_columns(parts: Sequence[MixColumns]) -> MixColumns:
+    """The passes over consecutive ranges of the input, as one pass over all of it."""
+    if not parts:
+        raise ValueError("no pass to combine")
+    columns = {name: pa.chunked_array([c for p in parts for c in p.columns[name].chunks], type=column.type)
+               for name, column in parts[0].columns.items()}
+    values = None if parts[0].order_values is None else np.concatenate([p.order_values for p in parts])
+    return MixColumns(columns, values)
+
+
+def run(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
+    """mix: its per-record pass (`mix_columns`) over all its input, then the selection and the
+    gather of the chosen rows (`decide_mix`)."""
+    yield from decide_mix(ctx, inputs, mix_columns(ctx, inputs))
+
+
+def decide_mix(ctx: StepContext, inputs: list[Any], found: MixColumns) -> Iterator[Chunk]:
+    """mix's selection over the columns of `mix_columns`, then pass 2 over the inputs: the chosen
+    rows gathered in the stage's order."""
+    recs = Records(inputs)
+    spec = MixSpec.from_params(ctx.params)
+    if found.num_rows != recs.num_rows:
+        raise RuntimeError(f"mix: a column pass over {found.num_rows} records for {recs.num_rows} inputs")
+    columns = dict(found.columns)
+    group_column = columns[spec.balance.by] if spec.balance is not None else None
+    chosen = select(columns["id"], columns["source"], spec, groups=group_column, order_values=found.order_values)
+    del columns, group_column, found
     # Pass 2: the chosen rows in the stage's order, gathered batch by batch.
     out = Rebatcher()
     counts: dict[str, Counter[str]] = {"data_type": Counter(), "category": Counter()}
@@ -150,6 +194,10 @@ def run(ctx: StepContext, inputs: list[Any]) -> Iterator[Chunk]:
 
 
 run.streams = True  # type: ignore[attr-defined]
+# the split the Ray executor runs: the per-record pass per input partition, the decision once
+run.per_record = mix_columns  # type: ignore[attr-defined]
+run.combine = combine_columns  # type: ignore[attr-defined]
+run.decide = decide_mix  # type: ignore[attr-defined]
 
 SPILL_ROWS = 2 * CHUNK_ROWS  # output rows per spill bucket when the stage's order is not input order
 

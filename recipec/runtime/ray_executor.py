@@ -51,7 +51,7 @@ import os
 import pickle
 import shutil
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -403,6 +403,49 @@ def _run_partition(task: _Task, part: _Partition, engines: Any = None) -> _Outco
     return _Outcome(usage=usage)
 
 
+def has_split(operation: Any) -> bool:
+    """Whether a global op exposes its per-record pass and its decision (`per_record`, `combine`,
+    `decide`: the local op is `decide(ctx, inputs, per_record(ctx, inputs))`)."""
+    return all(callable(getattr(operation, name, None)) for name in ("per_record", "combine", "decide"))
+
+
+def _run_pass(task: _Task, part: _Partition) -> _Outcome:
+    """A global op's per-record pass over one partition, kept under work_dir/partitions/ (atomically)."""
+    target = task.work_dir / "partitions" / part.name
+    if target.exists():  # finished by an earlier try of this task
+        return _Outcome()
+    try:
+        found = task.operation.per_record(_context(task), [_partition_input(task, part)])
+        if found.num_rows != part.stop - part.start:
+            raise RuntimeError(f"the per-record pass of partition {part.index} gave {found.num_rows} records "
+                               f"for {part.stop - part.start}")
+        _write_pickle(target, found)
+    except Exception as e:
+        return _failure(e)
+    return _Outcome()
+
+
+def _pass_partitions(batch: dict[str, Any], task: _Task, parts: Sequence[_Partition]) -> dict[str, Any]:
+    """map_batches function of a global op's per-record pass: each row of the batch is one partition."""
+    outcomes = [_run_pass(task, parts[int(i)]) for i in batch["index"]]
+    return {"index": list(batch["index"]), "outcome": [pickle.dumps(o) for o in outcomes]}
+
+
+class _Decision:
+    """A global op's decision as an operation: the partitions' per-record results, combined in input
+    order, then the op's `decide` over its inputs (read again to write the output)."""
+
+    streams = True
+
+    def __init__(self, operation: Any, paths: list[str]):
+        self.operation = operation
+        self.paths = paths
+
+    def __call__(self, ctx: Any, inputs: list[Any]) -> Iterator[Any]:
+        found = self.operation.combine([_read_pickle(Path(p)) for p in self.paths])
+        yield from self.operation.decide(ctx, inputs, found)
+
+
 def _data_partitions(batch: dict[str, Any], task: _Task, parts: Sequence[_Partition]) -> dict[str, Any]:
     """map_batches function of a data op: each row of the batch is one partition to run."""
     return _run_batch(batch, task, parts, None)
@@ -456,6 +499,8 @@ class RayStepRunner(_StepRunner):
                      input_dirs=[str(self.store.step_dir(self.keys[i])) for i in step.inputs])
         if step.op in PARTITIONED:
             yield from self._partitioned(task, inputs, ctx)
+        elif step.op not in MODEL_OPS and has_split(operation):
+            yield from self._global(task, inputs, ctx)
         else:
             yield from self._whole(task, ctx)
 
@@ -476,6 +521,23 @@ class RayStepRunner(_StepRunner):
         self.engines.add_remote(summary["usage"])
         for n in range(summary["chunks"]):
             yield _read_pickle(done / f"chunk-{n:06d}.pkl")
+
+    # -- a global step: its per-record pass in partitions, its decision in one task ------------------
+
+    def _global(self, task: _Task, inputs: list[Any], ctx: Any) -> Iterator[Any]:
+        parts = _split(_input_batches("shards", inputs), self.options.partition_rows)
+        folder = task.work_dir / "partitions"
+        if (task.work_dir / "whole" / "outcome.pkl").exists():  # decided by a run killed before it stored the step
+            log.info("step %s (%s) on Ray: decided already", task.step.id, task.step.op)
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            todo = [p for p in parts if not (folder / p.name).exists()]
+            log.info("step %s (%s) on Ray: %d partition(s) of its per-record pass, %d to run", task.step.id,
+                     task.step.op, len(parts), len(todo))
+            if todo:
+                self._run_partitions(task, parts, todo, _pass_partitions)
+        decision = replace(task, operation=_Decision(task.operation, [str(folder / p.name) for p in parts]))
+        yield from self._whole(decision, ctx)
 
     # -- partitions -------------------------------------------------------------------------------
 
@@ -512,7 +574,8 @@ class RayStepRunner(_StepRunner):
             parts.append(_Partition(len(parts), start, total, asked - count))
         return parts
 
-    def _run_partitions(self, task: _Task, parts: list[_Partition], todo: list[_Partition]) -> None:
+    def _run_partitions(self, task: _Task, parts: list[_Partition], todo: list[_Partition],
+                        function: Any = None) -> None:
         import ray.data
 
         model = task.step.op in MODEL_OPS
@@ -525,7 +588,7 @@ class RayStepRunner(_StepRunner):
                                 concurrency=max(1, min(actors, len(todo))), num_gpus=self.options.gpus_per_actor or None,
                                 **common)
         else:
-            ds = ds.map_batches(_data_partitions, **common)
+            ds = ds.map_batches(function or _data_partitions, **common)
         failures: list[tuple[int, _Outcome]] = []
         for row in ds.iter_rows():
             outcome = pickle.loads(row["outcome"])  # counts and usage are read back with the partitions
