@@ -283,6 +283,26 @@ def test_a_killed_global_step_redoes_only_the_partitions_not_finished(project, d
     _same_step(outcome.manifest, local[step])
 
 
+def test_the_ingests_run_at_the_same_time_and_the_driver_stores_them(project, data_runs, tmp_path, caplog):
+    from recipec.compiler import compile_file
+
+    plan = build_plan(compile_file(project / "data.recipe").recipe)
+    local = _manifests(data_runs / "local")
+    ingests = {step for step, m in local.items() if m["op"] == "ingest"}
+    store_dir = tmp_path / "store"
+    shutil.copytree(data_runs / "ray", store_dir, ignore=shutil.ignore_patterns("lock"))
+    _drop_steps(store_dir, ingests)
+    caplog.set_level("INFO", logger="recipec.run")
+    result = execute_ray(plan, store=Store(store_dir), recipe_dir=project, until=sorted(ingests))
+    launched = re.findall(r"step (\S+) \(ingest\) on Ray: (\d+) ingest step\(s\) launched with it", caplog.text)
+    assert len(launched) == 1 and int(launched[0][1]) == len(ingests) - 1 >= 2  # all of them as one wave
+    assert [o.id for o in result.outcomes] == [s for s in plan.steps if s in ingests]  # stored in plan order
+    for outcome in result.outcomes:
+        assert not outcome.cached
+        _same_step(outcome.manifest, local[outcome.id])
+    assert not list(store_dir.glob("work/*"))
+
+
 def test_ray_missing_is_exit_2_with_the_install_hint(project, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)
     monkeypatch.setitem(sys.modules, "ray.data", None)

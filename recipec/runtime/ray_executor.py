@@ -482,6 +482,7 @@ class RayStepRunner(_StepRunner):
         super().__init__(*args)
         self.options = options
         self.ray = import_ray()
+        self._ahead: dict[str, Any] = {}  # step id -> the Ray task of an ingest launched ahead of its turn
 
     def open_inputs(self, step: Step, operation: Operation) -> list[Any]:
         if step.op in ON_DRIVER:
@@ -493,34 +494,79 @@ class RayStepRunner(_StepRunner):
         if step.op in ON_DRIVER:
             yield from operation(ctx, inputs)
             return
-        task = _Task(step=step, operation=operation, key=self.keys[step.id], store_root=str(self.store.root),
+        task = self._task(step, operation, inputs)
+        try:
+            if step.op in PARTITIONED:
+                yield from self._partitioned(task, inputs, ctx)
+            elif step.op not in MODEL_OPS and has_split(operation):
+                yield from self._global(task, inputs, ctx)
+            else:
+                yield from self._whole(task, ctx)
+        except BaseException:
+            self._cancel_ahead()
+            raise
+
+    def _task(self, step: Step, operation: Operation, inputs: list[Any]) -> _Task:
+        return _Task(step=step, operation=operation, key=self.keys[step.id], store_root=str(self.store.root),
                      models_dir=str(self.store.models_dir), recipe_dir=str(self.recipe_dir), seed=self.plan.recipe.seed,
                      workers=1, inputs=[([str(p) for p in t.paths], list(t.rows)) for t in inputs],
                      input_dirs=[str(self.store.step_dir(self.keys[i])) for i in step.inputs])
-        if step.op in PARTITIONED:
-            yield from self._partitioned(task, inputs, ctx)
-        elif step.op not in MODEL_OPS and has_split(operation):
-            yield from self._global(task, inputs, ctx)
-        else:
-            yield from self._whole(task, ctx)
 
     # -- one task ---------------------------------------------------------------------------------
 
     def _whole(self, task: _Task, ctx: Any) -> Iterator[Any]:
         done = task.work_dir / "whole"
         if not (done / "outcome.pkl").exists():  # else finished by a run killed before it stored the step
-            model = task.step.op in MODEL_OPS
-            # a data op parallelises inside (ctx.workers) and runs alone; a model op is bound by its engine
-            task.workers = 1 if model else max(1, min(self.workers, int(self._cluster_cpus())))
-            cpus = self.options.cpus_per_task if model else float(task.workers)
-            remote = self.ray.remote(_run_whole).options(
-                num_cpus=cpus, num_gpus=self.options.gpus_per_actor if model else 0, max_retries=0)
-            outcome = self.ray.get(remote.remote(task))
+            ref = self._ahead.pop(task.step.id, None)
+            if ref is None:
+                ahead = self._ingests_ahead(task) if task.step.op == "ingest" else []
+                share = max(1, int(self._cluster_cpus()) // (1 + len(ahead)))
+                ref = self._launch(task, share)
+                for other in ahead:
+                    self._ahead[other.step.id] = self._launch(other, share)
+                if ahead:
+                    log.info("step %s (ingest) on Ray: %d ingest step(s) launched with it, %d CPU(s) each",
+                             task.step.id, len(ahead), share)
+            outcome = self.ray.get(ref)
             self._raise(task.step, outcome)
         summary = _read_pickle(done / "outcome.pkl")
         self.engines.add_remote(summary["usage"])
         for n in range(summary["chunks"]):
             yield _read_pickle(done / f"chunk-{n:06d}.pkl")
+
+    def _launch(self, task: _Task, cpus_at_most: int) -> Any:
+        model = task.step.op in MODEL_OPS
+        # a data op parallelises inside (ctx.workers); a model op is bound by its engine
+        task.workers = 1 if model else max(1, min(self.workers, cpus_at_most))
+        cpus = self.options.cpus_per_task if model else float(task.workers)
+        remote = self.ray.remote(_run_whole).options(
+            num_cpus=cpus, num_gpus=self.options.gpus_per_actor if model else 0, max_retries=0)
+        return remote.remote(task)
+
+    def _ingests_ahead(self, current: _Task) -> list[_Task]:
+        """The other ingest steps of this run still to compute: they read only their sources and write
+        only under their own work dirs, so they run at the same time as this one; the driver still
+        stores each in plan order when the loop reaches it (it alone commits)."""
+        found, keys = [], {current.key}
+        for step_id, step in self.plan.steps.items():
+            key = self.keys.get(step_id)
+            if (step.op != "ingest" or step.inputs or step_id == current.step.id or key is None or key in keys
+                    or step.op not in self.operations or step_id in self._ahead):
+                continue
+            if self.store.done(key) is not None or (self.store.work_dir(key) / "whole" / "outcome.pkl").exists():
+                continue
+            keys.add(key)
+            found.append(self._task(step, self.operations[step.op], []))
+        return found
+
+    def _cancel_ahead(self) -> None:
+        """A step failed: the ingests launched ahead are not waited for (a finished one is kept)."""
+        for ref in self._ahead.values():
+            try:
+                self.ray.cancel(ref, force=True)
+            except Exception:
+                pass
+        self._ahead.clear()
 
     # -- a global step: its per-record pass in partitions, its decision in one task ------------------
 
