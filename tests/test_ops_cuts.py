@@ -84,3 +84,15 @@ def test_percentile_missing_scores(tmp_path: Path) -> None:
                                                    (1.0, 10, 10), (0.05, 0, 0)])
 def test_cut_size(fraction: float, n: int, expected: int) -> None:
     assert cuts.cut_size(fraction, n) == expected
+
+
+def test_percentile_in_pieces_is_percentile_whole(tmp_path: Path) -> None:
+    """The Ray executor's split: the score pass per piece, combined, then the cut: the op's output."""
+    rows = [rec(f"r{i:02d}", "s" if i % 3 else "t", loss=float(i % 7)) for i in range(40)] + [rec("none")]
+    table = pa.Table.from_pylist(rows, schema=records.SCHEMA)
+    ctx = StepContext("cut", "cut", {"condition": cond("drop", "loss", "top", 0.1), "on": ["s"]}, "f", tmp_path)
+    op = cuts.run_percentile
+    found = op.combine([op.per_record(ctx, [table.slice(a, 13)]) for a in range(0, table.num_rows, 13)])
+    split, whole = list(op.decide(ctx, [table], found)), list(op(ctx, [table]))
+    assert [c.records.equals(w.records) for c, w in zip(split, whole)] == [True] * len(whole)
+    assert [(r.id, r.detail) for c in split for r in c.rejects] == [(r.id, r.detail) for c in whole for r in c.rejects]

@@ -278,3 +278,37 @@ def test_rank_with_ties_is_made_dense() -> None:
     hashes = np.array([0, 1, 3], dtype=np.uint64)
     assert dedup.near_duplicates(hashes, 2, rank=np.array([5, 5, 1])) == \
         dedup.near_duplicates(hashes, 2, rank=np.array([1, 2, 0]))
+
+
+# ---- the split the Ray executor runs ------------------------------------------------------------
+
+
+def split_equals_whole(op, params: dict[str, Any], rows: list[dict[str, Any]], recipe_dir: Path,
+                       bounds: list[int]) -> None:
+    """The per-record pass over consecutive pieces, combined, then the decision: the op's own output."""
+    ctx = StepContext("filter.x", "dedup", params, "f", recipe_dir)
+    table = pa.Table.from_pylist(rows, schema=records.SCHEMA)
+    pieces = [table.slice(a, b - a) for a, b in zip([0, *bounds], [*bounds, len(rows)])]
+    found = op.combine([op.per_record(ctx, [p]) for p in pieces])
+    split, whole = list(op.decide(ctx, [table], found)), list(op(ctx, [table]))
+    assert [c.records.equals(w.records) for c, w in zip(split, whole)] == [True] * len(whole)
+    assert [(r.id, r.reason, r.detail) for c in split for r in c.rejects] == \
+        [(r.id, r.reason, r.detail) for c in whole for r in c.rejects]
+    assert [c.consumed for c in split] == [c.consumed for c in whole]
+
+
+def test_exact_in_pieces_is_exact_whole(tmp_path: Path) -> None:
+    cat, dog = fake_image("cat"), fake_image("dog")
+    rows = [rec("a", 0, [cat], "same"), rec("a", 1, [dog], "same"), rec("b", 0, [cat], "same"),
+            rec("b", 1, [cat], "other"), rec("c", 0, [cat], "same"), rec("b", 2, None, "t"), rec("a", 2, None, "t")]
+    for prefer in ((), ("c", "b")):  # the pieces see the sources in other orders than the whole
+        split_equals_whole(dedup.run_exact, {"by": ["image", "text"], "on": None, "prefer_sources": list(prefer)},
+                           rows, tmp_path, [3, 5])
+
+
+def test_phash_in_pieces_is_phash_whole(tmp_path: Path, corpus) -> None:
+    rows, roots = corpus
+    rows = rows[6:] + rows[:6]  # b first: the last piece sees `a` first, the whole sees `b` first
+    for keep in ("best", "first"):
+        split_equals_whole(dedup.run_phash, {"max_distance": 4, "keep": keep, "on": None, "roots": roots,
+                                             "prefer_sources": ["a"]}, rows, tmp_path, [2, 3, 7])

@@ -175,3 +175,19 @@ def test_sort_by_keys_settles_ties_by_id() -> None:
     big = np.random.default_rng(0).integers(0, 2**63, size=10_000, dtype=np.uint64)
     rows = np.arange(10_000)
     assert np.array_equal(mix.sort_by_keys(big, rows, lambda run: [int(big[i]) for i in run]), np.argsort(big, kind="stable"))
+
+
+def test_mix_in_pieces_is_mix_whole(tmp_path: Path) -> None:
+    """The Ray executor's split: the column pass per piece, combined, then the selection: the op's output."""
+    rows = [rec("a", i, "general" if i % 2 else "ocr", loss=float(i % 5)) for i in range(30)]
+    rows += [rec("b", i, "math") for i in range(20)]
+    table = pa.Table.from_pylist(rows, schema=records.SCHEMA)
+    for order, balance, samples in (({"kind": "descending", "field": "loss"}, None, None),
+                                    ({"kind": "shuffle"}, {"by": "data_type"}, 24)):
+        p = params([{"name": "a", "kind": "random", "count": 12}, {"name": "b", "kind": "all"}], order=order,
+                   balance=balance, samples=samples)
+        ctx = StepContext("mix.s1", "mix", p, "f", tmp_path)
+        found = mix.run.combine([mix.run.per_record(ctx, [table.slice(a, 7)]) for a in range(0, table.num_rows, 7)])
+        split, whole = list(mix.run.decide(ctx, [table], found)), list(mix.run(ctx, [table]))
+        assert [c.records.equals(w.records) for c, w in zip(split, whole)] == [True] * len(whole)
+        assert [(c.files, c.skipped, c.consumed) for c in split] == [(c.files, c.skipped, c.consumed) for c in whole]

@@ -15,6 +15,10 @@ percentile (`drop loss top 5%`, `keep score bottom 10%`; value is the fraction, 
 
 A judged record without the field (or with NaN) cannot be judged: it is rejected `score_missing`
 rather than let through silently. Restrict `on` to the sources that carry the score.
+
+percentile is its per-record pass (`score_column`: a bool and a float per record) and its cut
+(`cut_percentile`); the Ray executor runs the pass per range of the input and the cut once over
+the floats, put together by `combine_scores`.
 """
 
 from __future__ import annotations

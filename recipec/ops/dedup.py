@@ -46,6 +46,11 @@ dedup_phash (params `max_distance`, `keep`, `prefer_sources`, `on`, `roots`)
     `roots` maps each dataset to its `images` folder relative to the recipe directory (added by the
     planner). An image that cannot be hashed any more (moved or changed since ingest) is rejected
     with the image reason (`image_missing`, `image_corrupt`, ...).
+
+Each op is its per-record pass and its decision, two functions (`exact_keys` / `decide_exact`,
+`image_hashes` / `decide_phash`); the op runs the pass over all its input, then the decision. The
+Ray executor runs the pass per range of the input, in parallel, and the decision once over the
+results, put together by `combine_exact` / `combine_hashes`: the same arrays as one pass.
 """
 
 from __future__ import annotations

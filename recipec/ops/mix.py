@@ -41,6 +41,10 @@ Counts: the step consumes every input record. Those not taken are not bad data: 
 in `skipped` (`not_selected` for records of the stage's sources left out, `not_in_stage` for
 records of other sources), with no reject rows. `composition.json` (in the chunk's files) holds
 the realised composition per entry, source, data type and category.
+
+The op is its per-record pass (`mix_columns`: the columns a selection reads) and its decision
+(`decide_mix`: the selection, then the gather of the chosen rows); the Ray executor runs the pass
+per range of the input and the decision once, over the columns put together by `combine_columns`.
 """
 
 from __future__ import annotations

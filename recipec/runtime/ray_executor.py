@@ -29,17 +29,34 @@ How a step runs (`PARTITIONED`, `WHOLE`, `ON_DRIVER`):
   boundaries depend only on the input, which the step's key fixes: a resumed run sees the same
   partitions.
 
-* Global steps (dedup_exact, dedup_phash, percentile, mix) and the others that look across
-  records (collect, map_tags, tag_images, tag_instructions, generate_questions, merge_turns) and
-  ingest and export run their unchanged code as one Ray task on a worker, which writes the
-  chunks it yields under the step's work dir for the driver to store. Their decisions are
-  already made over compact per-record keys inside the ops; splitting the per-record work of the
-  dedups and the cuts across tasks is left for later.
+* Global steps (dedup_exact, dedup_phash, percentile, mix) run as the aggregations they are. Each
+  of these ops is two functions that the local op also calls (`local op = decide(ctx, inputs,
+  per_record(ctx, inputs))`, attributes `per_record`, `combine`, `decide` of the op):
+  its per-record pass (dedup_phash: the pHash, size, source and file digest of each first image,
+  the expensive part; dedup_exact: the 16-byte key of each record; percentile: the score column;
+  mix: the id, source, balancing and ordering columns) runs as `map_batches` tasks of half a CPU
+  over the same partitions as the row-local steps (stored input shards, at most `partition_rows`
+  records), each finished partition's compact result pickled atomically under
+  `work_dir(key)/partitions/`, so a killed run computes only the partitions missing. Then one task
+  combines the results in input order (`combine`: rows renumbered, source codes remapped to the
+  first-seen order of one pass) and runs the decision over them (`decide`: the pairs and best
+  copies, the key groups, the cut, the selection), which reads the inputs again only for the few
+  ids and paths it names and to write the records kept, as the local op does; mix's gather of the
+  chosen rows stays the local code. The result equals one pass over all the input, so the step's
+  bytes are the local ones.
+
+* The other steps that look across records (collect, map_tags, tag_images, tag_instructions,
+  generate_questions, merge_turns), ingest and export run their unchanged code as one Ray task on
+  a worker, which writes the chunks it yields under the step's work dir for the driver to store.
+  The ingest steps still to compute are launched together when the first is reached (they read
+  only their sources and write only under their own work dirs), sharing the cluster's CPUs; the
+  driver stores each when its turn comes in plan order, and a failing step cancels those not
+  finished (a finished one is kept for the next run).
 
 * train runs on the driver, with the same code as the local executor. Training across nodes is
   `recipec train --emit torchrun|slurm`.
 
-Steps run one after the other, as in the local executor. Ray is imported here only; `recipec run`
+Apart from the ingests, steps run one after the other, as in the local executor. Ray is imported here only; `recipec run`
 imports this module only for `--executor ray`.
 """
 
