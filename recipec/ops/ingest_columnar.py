@@ -204,14 +204,20 @@ def _convert(t: pa.Table, lines: list[bytes], numbers: list[int], shown: str, so
     given_valid = _valid(given)[keep] if nested else None
     at = 0
     name = source.name
+    single = numeric[0] if len(numeric) == 1 and not nested else None  # the common case: one score
     for k, row in enumerate(keep.tolist()):
         m = kept_lengths[k]
-        pairs = [[froms[j], values[j]] for j in range(at, at + m)]
+        # (from, value) tuples: orjson writes them as the arrays record_id hashes
+        ids.append(records.content_digest({"conversations": list(zip(froms[at:at + m], values[at:at + m])),
+                                           "images": [], "source": name}))
         at += m
-        ids.append(_content_id(name, pairs))
         sid = source_ids[row]
-        origins.append(f"{shown}:{numbers[row]}" + (f" id={sid}" if sid is not None else ""))
+        origins.append(f"{shown}:{numbers[row]}" if sid is None else f"{shown}:{numbers[row]} id={sid}")
         texts.append(lines[row].decode("utf-8").strip())
+        if single is not None:
+            v = columns[single][k]
+            scores.append([] if v is None else [(single, float(v))])
+            continue
         entry = {key: float(v) for key in numeric if (v := columns[key][k]) is not None}
         if nested and given_valid[k]:
             entry.update({key: float(v) for key in nested if (v := nested_columns[key][k]) is not None})
@@ -245,7 +251,3 @@ def _turns(conversations: pa.Array, count: int) -> pa.Array:
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     return pa.ListArray.from_arrays(offsets, values, type=records.SCHEMA.field("conversations").type)
 
-
-def _content_id(source: str, pairs: list[list[str]]) -> str:
-    """records.record_id of a record without images, from its (from, value) pairs."""
-    return records.content_digest({"conversations": pairs, "images": [], "source": source})
