@@ -95,6 +95,7 @@ REASONS = frozenset({
 
 BLOCK = 2048  # records per block: the unit of output chunks and of the workers' fixed-order batches
 PIECE = 64  # images per task sent to a worker
+INLINE_IMAGES = 256  # images of a source inspected in the step's process before the pool starts
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 _CACHE_SIZE = 65_536  # inspected images remembered across blocks (records often share an image)
 _KNOWN_FIELDS = {"id", "image", "images", "conversations", "data_type", "category", "image_tags",
@@ -398,7 +399,7 @@ class _Seen:
             self.again[key] = 2
             return 1, self.recent[key]
         if len(self.old):
-            at = int(np.searchsorted(self.old, key))
+            at = int(np.searchsorted(self.old, np.void(key)))  # a bytes key would convert the whole array
             if at < len(self.old) and self.old[at].tobytes() == key:
                 self.again[key] = 2
                 return 1, None
@@ -1204,6 +1205,7 @@ class _Inspector:
         self.workers = max(1, workers)
         self.pool: ProcessPoolExecutor | None = None
         self.cache: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self.inlined = 0
 
     def __enter__(self) -> "_Inspector":
         return self
@@ -1216,7 +1218,10 @@ class _Inspector:
         """Start inspecting `paths`; returns a callable giving {path: ImageInfo | (reason, detail)}."""
         todo = list(dict.fromkeys(p for p in paths if p not in self.cache))
         known = {p: self.cache[p] for p in paths if p in self.cache}
-        if self.workers == 1 or len(todo) <= PIECE:
+        # inline while few: a pool costs more to start than a small source's images take; past
+        # that, every image goes to the pool, so decoding never holds up the step's own process
+        if self.workers == 1 or (self.pool is None and self.inlined + len(todo) <= INLINE_IMAGES):
+            self.inlined += len(todo)
             done = dict(zip(todo, _inspect_piece(self.root, todo, self.max_pixels)))
             return self._remember(known, todo, lambda: done)
         if self.pool is None:
