@@ -17,10 +17,11 @@ checks are vectorised; what is left per record in Python is its content id and i
 from __future__ import annotations
 
 import io
+from hashlib import sha256
 from typing import Any
 
 import numpy as np
-import orjson
+from orjson import dumps
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
@@ -42,8 +43,12 @@ def read(lines: list[bytes], numbers: list[int], shown: str, source: ir.Source, 
     """The plain records among `lines` (no blank ones) as rows in records.SCHEMA, `id` being their
     content id; their texts (for a later reject); and which lines they are (the others are left)."""
     accepted = np.zeros(len(lines), dtype=bool)
-    usable = np.array([not (b"NaN" in line or b"Infinity" in line or line.startswith(b"\xef\xbb\xbf"))
-                       for line in lines], dtype=bool)
+    joined = b"".join(lines)
+    if b"NaN" in joined or b"Infinity" in joined or b"\xef\xbb\xbf" in joined:  # rare: look line by line
+        usable = np.array([not (b"NaN" in line or b"Infinity" in line or line.startswith(b"\xef\xbb\xbf"))
+                           for line in lines], dtype=bool)
+    else:
+        usable = np.ones(len(lines), dtype=bool)
     tables: list[pa.Table] = []
     texts: list[str] = []
     splits = 0
@@ -56,7 +61,8 @@ def read(lines: list[bytes], numbers: list[int], shown: str, source: ir.Source, 
         while end < len(lines) and usable[end]:
             end += 1
         try:
-            parsed = pj.read_json(io.BytesIO(b"".join(lines[start:end])), read_options=_READ, parse_options=_PARSE)
+            body = joined if start == 0 and end == len(lines) else b"".join(lines[start:end])
+            parsed = pj.read_json(io.BytesIO(body), read_options=_READ, parse_options=_PARSE)
         except pa.ArrowInvalid as e:
             bad = _row_of(str(e))
             splits += 1
@@ -196,32 +202,31 @@ def _convert(t: pa.Table, lines: list[bytes], numbers: list[int], shown: str, so
     kept_turns = conversations.take(picked)
     flat = kept_turns.flatten()
     froms, values = flat.field("from").to_pylist(), flat.field("value").to_pylist()
-    kept_lengths = lengths[keep].tolist()
 
-    ids, origins, texts, scores = [], [], [], []
-    columns = {name: t.column(name).take(picked).to_pylist() for name in numeric}
-    nested_columns = {name: given.field(name).take(picked).to_pylist() for name in nested} if nested else {}
-    given_valid = _valid(given)[keep] if nested else None
-    at = 0
+    rows = keep.tolist()
     name = source.name
-    single = numeric[0] if len(numeric) == 1 and not nested else None  # the common case: one score
-    for k, row in enumerate(keep.tolist()):
-        m = kept_lengths[k]
-        # (from, value) tuples: orjson writes them as the arrays record_id hashes
-        ids.append(records.content_digest({"conversations": list(zip(froms[at:at + m], values[at:at + m])),
-                                           "images": [], "source": name}))
-        at += m
-        sid = source_ids[row]
-        origins.append(f"{shown}:{numbers[row]}" if sid is None else f"{shown}:{numbers[row]} id={sid}")
-        texts.append(lines[row].decode("utf-8").strip())
-        if single is not None:
-            v = columns[single][k]
-            scores.append([] if v is None else [(single, float(v))])
-            continue
-        entry = {key: float(v) for key in numeric if (v := columns[key][k]) is not None}
-        if nested and given_valid[k]:
-            entry.update({key: float(v) for key in nested if (v := nested_columns[key][k]) is not None})
-        scores.append(sorted(entry.items()))
+    bounds = np.concatenate([[0], np.cumsum(lengths[keep])]).tolist()
+    # (from, value) tuples: orjson writes them as the arrays records.record_id hashes; strings read
+    # by pyarrow are valid UTF-8, which is all that could make orjson refuse them
+    ids = [sha256(dumps({"conversations": list(zip(froms[a:b], values[a:b])), "images": [], "source": name}))
+           .hexdigest()[:32] for a, b in zip(bounds, bounds[1:])]
+    kept_ids = [source_ids[r] for r in rows]
+    origins = [f"{shown}:{numbers[r]}" if sid is None else f"{shown}:{numbers[r]} id={sid}"
+               for r, sid in zip(rows, kept_ids)]
+    texts = [lines[r].decode("utf-8").strip() for r in rows]
+    columns = {key: t.column(key).take(picked).to_pylist() for key in numeric}
+    if len(numeric) == 1 and not nested:  # the common case: one score
+        (key, given_values), = columns.items()
+        scores = [[] if v is None else [(key, float(v))] for v in given_values]
+    else:
+        nested_columns = {key: given.field(key).take(picked).to_pylist() for key in nested} if nested else {}
+        given_valid = _valid(given)[keep].tolist() if nested else None
+        scores = []
+        for k in range(len(rows)):
+            entry = {key: float(v) for key in numeric if (v := columns[key][k]) is not None}
+            if nested and given_valid[k]:
+                entry.update({key: float(v) for key in nested if (v := nested_columns[key][k]) is not None})
+            scores.append(sorted(entry.items()))
 
     count = len(keep)
     table = pa.Table.from_arrays([
@@ -236,7 +241,7 @@ def _convert(t: pa.Table, lines: list[bytes], numbers: list[int], shown: str, so
         tags["instruction_tags"].take(picked),
         pa.array(scores, records.SCHEMA.field("scores").type),
         pa.array([[step_id]] * count, records.SCHEMA.field("provenance").type),
-        pa.array([source_ids[r] for r in keep.tolist()], pa.string()),
+        pa.array(kept_ids, pa.string()),
     ], schema=records.SCHEMA)
     return table, ok, texts
 
