@@ -206,11 +206,7 @@ class _Lines:
 def _blocks_of(source: ir.Source, recipe_dir: Path) -> Iterator[_Lines | list[_Raw | _Candidate]]:
     """The source's items in blocks of at most BLOCK: raw lines of a JSON Lines file, else items."""
     if source.format in ("llava_jsonl", "llava_json"):
-        for path in _matches(source, recipe_dir):
-            if path.is_dir():
-                raise OperationError(f"source `{source.name}`: {_shown(path, recipe_dir)} is a folder, "
-                                     f"not a {source.format} file")
-            shown = _shown(path, recipe_dir)
+        for path, shown in _files(source, recipe_dir):
             if source.format == "llava_json" and _is_array(path):
                 yield from _blocks(_json_file(path, shown), BLOCK)
                 continue
@@ -567,21 +563,21 @@ def _matches(source: ir.Source, recipe_dir: Path, *, dirs: bool = False) -> list
 
 
 def _read(source: ir.Source, recipe_dir: Path) -> Iterator[_Raw | _Candidate]:
+    """The items of a source that is not JSON: Parquet rows, HF dataset rows, image files."""
     if source.format == "image_folder":
         return _image_folder(source, recipe_dir)
     if source.format == "hf_dataset":
         return _hf_datasets(source, recipe_dir)
-    readers = {"llava_json": _json_file, "llava_jsonl": _jsonl_file, "parquet": _parquet_file}
-    reader = readers[source.format]
+    return (raw for path, shown in _files(source, recipe_dir) for raw in _parquet_file(path, shown))
 
-    def items() -> Iterator[_Raw]:
-        for path in _matches(source, recipe_dir):
-            if path.is_dir():
-                raise OperationError(f"source `{source.name}`: {_shown(path, recipe_dir)} is a folder, "
-                                     f"not a {source.format} file")
-            yield from reader(path, _shown(path, recipe_dir))
 
-    return items()
+def _files(source: ir.Source, recipe_dir: Path) -> Iterator[tuple[Path, str]]:
+    """The files a source's paths match, each with its name as origins show it."""
+    for path in _matches(source, recipe_dir):
+        if path.is_dir():
+            raise OperationError(f"source `{source.name}`: {_shown(path, recipe_dir)} is a folder, "
+                                 f"not a {source.format} file")
+        yield path, _shown(path, recipe_dir)
 
 
 def _constant(name: str) -> Any:
