@@ -353,7 +353,7 @@ class _Preparer:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
     def prepare(self, blocks: Iterator[_Lines | list[_Raw | _Candidate]]) -> Iterator[_Prepared]:
-        # the first blocks inline: starting processes costs more than a small source takes
+        # the first block inline: starting processes costs more than a small source takes
         for block in itertools.islice(blocks, 1 if self.workers > 1 else None):
             yield _prepare(block, self.source, self.step_id)
         first = next(blocks, None)
