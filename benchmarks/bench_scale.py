@@ -194,26 +194,32 @@ def peers(path: Path) -> dict[str, float]:
     code = ("import sys, time, tempfile; import datasets; t = time.perf_counter(); "
             "d = datasets.load_dataset('json', data_files=sys.argv[1], split='train', cache_dir=tempfile.mkdtemp()); "
             "print(len(d), time.perf_counter() - t)")
-    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
-    if done.returncode == 0:
-        result["datasets.load_dataset"] = float(done.stdout.split()[-1])
+    seconds = _timed(code, path)
+    if seconds is not None:
+        result["datasets.load_dataset"] = seconds
     else:  # the broken lines stop datasets: time it on the valid lines only
         clean = path.with_name("valid.jsonl")
         with open(path) as src, open(clean, "w") as dst:
             for line in src:
                 if line.rstrip().endswith("}"):
                     dst.write(line)
-        done = subprocess.run([sys.executable, "-c", code, str(clean)], capture_output=True, text=True)
-        if done.returncode == 0:
-            result["datasets.load_dataset (valid lines only)"] = float(done.stdout.split()[-1])
+        seconds = _timed(code, clean)
+        if seconds is not None:
+            result["datasets.load_dataset (valid lines only)"] = seconds
         clean.unlink()
     code = ("import sys, time; import pyarrow.json as j; t = time.perf_counter(); "
             "tb = j.read_json(sys.argv[1], parse_options=j.ParseOptions(newlines_in_values=False)); "
             "print(tb.num_rows, time.perf_counter() - t)")
-    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
-    if done.returncode == 0:
-        result["pyarrow.json.read_json"] = float(done.stdout.split()[-1])
+    seconds = _timed(code, path)
+    if seconds is not None:
+        result["pyarrow.json.read_json"] = seconds
     return result
+
+
+def _timed(code: str, path: Path) -> float | None:
+    """The seconds `code` prints last, run in a fresh interpreter on `path`; None when it fails."""
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    return float(done.stdout.split()[-1]) if done.returncode == 0 else None
 
 
 def main() -> None:

@@ -221,15 +221,8 @@ def _blocks_of(source: ir.Source, recipe_dir: Path) -> Iterator[_Lines | list[_R
 
 def _is_array(path: Path) -> bool:
     """Whether a .json file holds an array (else it is read as JSON Lines), as `_json_file` decides."""
-    with open(path, "rb") as f:
-        text = ""
-        while more := f.read(1 << 16):
-            text = (text + more.decode("utf-8", "surrogateescape")).lstrip("\ufeff")
-            pos = _skip_ws(text, 0)
-            if pos < len(text):
-                return text.startswith("[", pos)
-            text = ""
-    return False
+    text = _Text(path)
+    return text.startswith("[", text.skip_ws(0))
 
 
 def _prepare(block: _Lines | list[_Raw | _Candidate], source: ir.Source, step_id: str) -> _Prepared:
