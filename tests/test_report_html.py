@@ -122,3 +122,35 @@ def test_the_page_renders_in_headless_chromium(run, tmp_path):
     with Image.open(shot) as im:
         colours = im.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 50  # not a blank page: bars, text, thumbnails
+
+
+def test_a_cut_histogram_counts_every_kept_and_dropped_value_shard_by_shard(run):
+    import json
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from recipec.runtime import report_html
+    from recipec.runtime.store import Store
+
+    store = Store(run["store"])
+    step = "filter.quality.1.keep_loss"
+    manifest = next(m for m in (json.loads(p.read_text()) for p in run["store"].glob("steps/*/*/manifest.json"))
+                    if m["step"] == step)
+    outcome = SimpleNamespace(id=step, key=manifest["key"], manifest=manifest)
+    condition = {"verb": "keep", "field": "loss", "op": "<=", "value": 1.2}
+    kept = [dict(s)["loss"] for e in manifest["records"]
+            for s in pq.read_table(store.path(manifest["key"], e["name"])).column("scores").to_pylist() if s and "loss" in dict(s)]
+    dropped = [dict(json.loads(r["record"])["scores"])["loss"] for e in manifest["rejects"]
+               for r in pq.read_table(store.path(manifest["key"], e["name"])).to_pylist()]
+    assert kept and dropped
+    cut = report_html._cut(store, outcome, condition)
+    edges = np.linspace(min(kept + dropped), max(kept + dropped), report_html.BINS + 1)
+    assert cut["edges"] == edges.tolist()
+    assert cut["kept"] == np.histogram(kept, bins=edges)[0].tolist()
+    assert cut["dropped"] == np.histogram(dropped, bins=edges)[0].tolist()
+    assert cut["cut"] == 1.2 and sum(cut["kept"]) == len(kept) and max(dropped) > 1.2 >= max(kept)
+    # the same shards listed twice: each is read on its own, and the counts add up
+    twice = SimpleNamespace(id=step, key=manifest["key"], manifest={**manifest, "records": manifest["records"] * 2})
+    assert report_html._cut(store, twice, condition)["kept"] == [2 * n for n in cut["kept"]]

@@ -30,9 +30,10 @@ import html
 import io
 import json
 import logging
+import math
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from recipec.runtime.store import Store
 
@@ -72,7 +73,7 @@ def gather(report: dict[str, Any], result: Any, store: Store) -> dict[str, Any]:
                 if cut is not None:
                     data["cuts"].append(cut)
             elif o.op == "merge_turns" or (o.op == "generate_answers" and params.get("merge") == "none"):
-                tags = Counter(t for row in _column(store, o, "instruction_tags") for t in (row or ()))
+                tags = Counter(t for shard in _column(store, o, "instruction_tags") for row in shard for t in (row or ()))
                 if tags:
                     data["types"].append({"step": o.id, "counts": dict(sorted(tags.items()))})
             elif o.op == "map_tags":
@@ -128,13 +129,12 @@ def _shards(store: Store, o: Any, kind: str = "records") -> list[Path]:
     return [store.path(o.key, e["name"]) for e in o.manifest.get(kind) or []]
 
 
-def _column(store: Store, o: Any, name: str) -> list[Any]:
+def _column(store: Store, o: Any, name: str) -> Iterator[list[Any]]:
+    """One column of the step's records, a shard at a time."""
     import pyarrow.parquet as pq
 
-    values: list[Any] = []
     for path in _shards(store, o):
-        values.extend(pq.read_table(path, columns=[name]).column(name).to_pylist())
-    return values
+        yield pq.read_table(path, columns=[name]).column(name).to_pylist()
 
 
 def _head(store: Store, o: Any, n: int) -> list[dict[str, Any]]:
@@ -174,12 +174,18 @@ def _score_values(scores: Any, field: str) -> float | None:
 
 
 def _cut(store: Store, o: Any, condition: dict[str, Any]) -> dict[str, Any] | None:
-    """The values of the judged field among the kept and the dropped records, and where it cut."""
+    """The histogram of the judged field among the kept and the dropped records, and where it cut.
+
+    The kept records' values are read a shard at a time, twice (their range, then their counts),
+    so memory stays one shard's column whatever the step's size; the dropped ones come from the
+    rejects, as compact floats."""
     import re
+    from array import array
+
+    import numpy as np
 
     field = condition["field"]
-    kept = [v for v in (_score_values(s, field) for s in _column(store, o, "scores")) if v is not None]
-    dropped: list[float] = []
+    dropped = array("d")
     at = condition["value"] if condition["op"] not in ("top", "bottom") else None
     for row in _rejects(store, o):
         record = _loads(row["record"])
@@ -190,12 +196,36 @@ def _cut(store: Store, o: Any, condition: dict[str, Any]) -> dict[str, Any] | No
             found = re.search(r"cut at (-?[0-9.eE+-]+)", row["detail"] or "")
             if found:
                 at = float(found.group(1))
-    if not kept and not dropped:
+    dropped_values = np.frombuffer(dropped, dtype=np.float64) if dropped else np.zeros(0)
+    kept = 0
+    lo, hi = (float(dropped_values.min()), float(dropped_values.max())) if len(dropped_values) else (math.inf, -math.inf)
+    for values in _scores(store, o, field):
+        kept += len(values)
+        if len(values):
+            lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
+    if not kept and not len(dropped_values):
         return None
+    edges = np.linspace(lo, hi if hi > lo else lo + 1.0, BINS + 1)
+    kept_n = np.zeros(BINS, dtype=np.int64)
+    for values in _scores(store, o, field):
+        kept_n += np.histogram(values, bins=edges)[0]
     rule = f"{condition['verb']} {field} {condition['op']} {_number(condition['value'])}"
     if condition["op"] in ("top", "bottom"):
         rule += "%" if condition["value"] > 1 else ""
-    return {"step": o.id, "field": field, "rule": rule, "cut": at, "kept": kept, "dropped": dropped}
+    return {"step": o.id, "field": field, "rule": rule, "cut": at, "edges": edges.tolist(),
+            "kept": kept_n.tolist(), "dropped": np.histogram(dropped_values, bins=edges)[0].tolist()}
+
+
+def _scores(store: Store, o: Any, field: str) -> Iterator[Any]:
+    """`scores[field]` of the step's records, a shard at a time (float64, the records without it left out)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from recipec.ops.cuts import scores_of
+
+    for path in _shards(store, o):
+        values = scores_of(pq.read_table(path, columns=["scores"]), field)
+        yield values[~np.isnan(values)]
 
 
 def _number(value: float) -> str:
@@ -367,23 +397,21 @@ def render(report: dict[str, Any], data: dict[str, Any]) -> str:
     for cut in data["cuts"]:
         import numpy as np
 
-        values = cut["kept"] + cut["dropped"]
-        lo, hi = min(values), max(values)
-        edges = np.linspace(lo, hi if hi > lo else lo + 1.0, BINS + 1)
-        kept_n, _ = np.histogram(cut["kept"], bins=edges)
-        drop_n, _ = np.histogram(cut["dropped"], bins=edges)
+        edges = np.asarray(cut["edges"])
+        kept_n, drop_n = np.asarray(cut["kept"]), np.asarray(cut["dropped"])
         centres = ((edges[:-1] + edges[1:]) / 2).round(6).tolist()
         width = float(edges[1] - edges[0])
         fig = go.Figure([go.Bar(name="kept", x=centres, y=kept_n.tolist(), width=width, marker_color="#2f6fdf"),
                          go.Bar(name="dropped", x=centres, y=drop_n.tolist(), width=width, marker_color="#d9534f")])
-        total = len(values)
-        share = len(cut["dropped"]) / total if total else 0.0
+        dropped = int(drop_n.sum())
+        total = int(kept_n.sum()) + dropped
+        share = dropped / total if total else 0.0
         fig.update_layout(barmode="stack", bargap=0, xaxis_title=cut["field"], yaxis_title="records",
                           title=f"{cut['step']}: {cut['rule']} ({share:.1%} dropped)")
         if cut["cut"] is not None:
             fig.add_vline(x=cut["cut"], line_dash="dash", line_color="#111",
                           annotation_text=f"cut {cut['cut']:g}", annotation_position="top")
-        page.add(f'<h3>{_e(cut["step"])}</h3><p>{_e(cut["rule"])}: {len(cut["dropped"])} of {total} records '
+        page.add(f'<h3>{_e(cut["step"])}</h3><p>{_e(cut["rule"])}: {dropped} of {total} records '
                  f'with a <code>{_e(cut["field"])}</code> dropped ({share:.1%})</p>')
         page.figure(fig, 320)
 
