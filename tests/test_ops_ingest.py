@@ -315,9 +315,11 @@ def test_same_output_for_any_number_of_workers(tmp_path: Path, images: Path) -> 
     assert [(r.origin, r.reason, r.detail) for r in one[1]] == [(r.origin, r.reason, r.detail) for r in two[1]]
 
 
-def test_blocks_prepared_in_workers_give_the_same_records_in_order(tmp_path: Path, images: Path) -> None:
+def test_blocks_prepared_in_workers_give_the_same_records_in_order(tmp_path: Path, images: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Several blocks of lines, prepared in worker processes, with everything that depends on the
     records before it: copies numbered across blocks, an id reused blocks later, images."""
+    monkeypatch.setattr(ingest, "BLOCK_BYTES", 8192)  # some 80 blocks
     (images / "shared.png").write_bytes(png(8, 8, seed=7))
     n = ingest.BLOCK * 2 + 300
     lines: list[dict | str] = []
@@ -347,6 +349,11 @@ def test_blocks_prepared_in_workers_give_the_same_records_in_order(tmp_path: Pat
     assert reasons.count("json_malformed") == len([i for i in range(n) if i % 500 == 3])
     assert reasons.count("duplicate_id") == len([i for i in range(n) if i % 1000 == 11 and i % 400 != 9
                                                  and i % 500 != 3 and i % 700 != 5])
+    text = (tmp_path / "data" / "a.jsonl").read_text("utf-8").split("\n")
+    for r in rejects:  # a reused id's reject carries its line, found again in its block
+        if r.reason == "duplicate_id":
+            assert r.record == text[int(r.origin.split(":")[1].split()[0]) - 1].strip()
+            assert r.detail == "id 'r0' is already the id of the record at data/a.jsonl:1 id=r0"
     origins = table.column("origin").to_pylist()
     assert origins == sorted(origins, key=lambda o: int(o.split(":")[1].split()[0]))  # input order
     rows = table.to_pylist()
@@ -481,8 +488,12 @@ def test_columnar_reading_gives_what_reading_line_by_line_gives(monkeypatch: pyt
 
     def prepared(lines: list[bytes], s: Any, columnar: bool) -> tuple:
         monkeypatch.setattr(ingest_columnar, "eligible", lambda _source: columnar)
-        p = ingest._prepare(ingest._Lines([ln + b"\n" for ln in lines], "f.jsonl", 3, "id"), s, "ingest.src")
-        return (p.kinds, p.rows.to_pylist(), p.texts, [(r.origin, r.reason, r.detail, r.record) for r in p.rejects],
+        block = ingest._Lines(b"".join(ln + b"\n" for ln in lines), "f.jsonl", 3, "id")
+        p = ingest._with_block(ingest._prepare(block, s, "ingest.src"), block)
+        texts = [p.text(row) for row in range(p.rows.num_rows)]
+        for number, text in zip(p.rows.column("_line").to_pylist(), texts):  # the text its line read as
+            assert text == next(ingest._jsonl_line(lines[number - 3] + b"\n", "o")).text
+        return (p.kinds, p.rows.to_pylist(), texts, [(r.origin, r.reason, r.detail, r.record) for r in p.rejects],
                 [(c.origin, c.image_paths, c.conversations, c.scores, c.source_id) for c in p.candidates])
 
     @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -495,6 +506,6 @@ def test_columnar_reading_gives_what_reading_line_by_line_gives(monkeypatch: pyt
     many = [json.dumps({"id": f"r{i}", "loss": i / 4, "conversations": qa(images=0)}).encode() for i in range(300)]
     fast = prepared(many, src, True)
     assert fast == prepared(many, src, False) and len(fast[1]) == 300
-    rows, texts, accepted = ingest_columnar.read(many, list(range(1, 301)), "f.jsonl", src, "ingest.src",
+    rows, accepted = ingest_columnar.read(many, list(range(1, 301)), "f.jsonl", src, "ingest.src",
                                                  ingest._KNOWN_FIELDS)
     assert accepted.all() and rows.num_rows == 300  # the plain records are all read columnar

@@ -51,10 +51,12 @@ recipe's `dedup` steps (`exact_duplicate`, `near_duplicate`), and a recipe witho
 Their recipec ids stay unique: the second copy of a content in a source gets `record_id(..., copy=1)`,
 the third `copy=2`, in input order.
 
-Work is cut into blocks of BLOCK items at fixed positions and reassembled in order, so the output
-never depends on the number of workers. Parsing (orjson for JSON Lines), validation and the
-content id of a record without images run per block in `ctx.workers` processes; numbering copies and
-spotting reused ids, which depend on the records before, run in input order in the step's process.
+Work is cut into blocks (BLOCK_BYTES of whole lines of a JSON Lines file, BLOCK items of the other
+formats) and reassembled in order, so the output never depends on the number of workers. Parsing
+(pyarrow or orjson for JSON Lines), validation, the content id of a record without images and the
+16-byte keys of its ids run per block in `ctx.workers` processes; numbering copies and spotting
+reused ids, which depend on the records before, run in input order in the step's process, on those
+keys, a block at a time.
 Image inspection (a full decode of every image, the slow part when there are images) runs in
 `ctx.workers` processes too, once per distinct image of recent blocks.
 """
@@ -81,10 +83,12 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from recipec import ir, records
 from recipec.ops import images as imaging
 from recipec.ops import ingest_columnar
+from recipec.ops.ingest_columnar import KEY, LINE, OWN, ROW_SCHEMA, own_key
 from recipec.ops.base import Chunk, OperationError, Reject, StepContext
 from recipec.ops.collect import Rebatcher, canonical_json
 
@@ -93,7 +97,8 @@ REASONS = frozenset({
     "image_token_mismatch", "duplicate_id", *imaging.REASONS,
 })
 
-BLOCK = 2048  # records per block: the unit of output chunks and of the workers' fixed-order batches
+BLOCK = 2048  # items per block of the formats read item by item: the unit of the workers' batches
+BLOCK_BYTES = 1 << 20  # of whole lines per block of a JSON Lines file (one line may make a larger one)
 PIECE = 64  # images per task sent to a worker
 INLINE_IMAGES = 256  # images of a source inspected in the step's process before the pool starts
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
@@ -187,20 +192,41 @@ class _Prepared:
     """One block of input items, prepared: each item is a row, a candidate or a reject (`kinds`)."""
 
     kinds: bytes
-    rows: pa.Table  # the items with no images, in records.SCHEMA; `id` is their content id (copy 0)
-    texts: list[str]  # per row, the item's text (for a duplicate_id reject)
+    rows: pa.Table  # the items with no images, in ROW_SCHEMA; `id` is their content id (copy 0)
+    texts: list[str] | None  # per row, the item's text (for a duplicate_id reject); None: see `lines`
     candidates: list[_Candidate]  # the items with images, which are inspected before they become rows
     rejects: list[Reject]
+    lines: "_Lines | None" = None  # the block of lines the rows came from (set in the step's process)
+
+    def text(self, row: int) -> str:
+        """The text of a row's item: of its line, for a block of lines (found again only when needed)."""
+        if self.texts is not None:
+            return self.texts[row]
+        number = self.rows.column(LINE)[row].as_py()
+        return _line_text(self.lines.split()[number - self.lines.first])
 
 
 @dataclass
 class _Lines:
-    """A block of lines of a JSON Lines file, read but not parsed: parsing is a worker's job."""
+    """A block of whole lines of a JSON Lines file, read but not split or parsed: a worker's job."""
 
-    lines: list[bytes]
+    data: bytes
     shown: str
     first: int  # the 1-based number of the first line
     id_key: str
+
+    def split(self) -> list[bytes]:
+        """The lines, each with its newline (the last may have none), as iterating the file gives them."""
+        lines = [line + b"\n" for line in self.data.split(b"\n")]
+        last = lines.pop()
+        if last != b"\n":
+            lines.append(last[:-1])
+        return lines
+
+
+def _line_text(line: bytes) -> str:
+    """A record's text as `_jsonl_line` keeps it (a line it read has valid UTF-8)."""
+    return line.decode("utf-8").strip().lstrip("\ufeff")
 
 
 def _blocks_of(source: ir.Source, recipe_dir: Path) -> Iterator[_Lines | list[_Raw | _Candidate]]:
@@ -212,9 +238,11 @@ def _blocks_of(source: ir.Source, recipe_dir: Path) -> Iterator[_Lines | list[_R
                 continue
             with open(path, "rb") as f:
                 number = 1
-                while lines := list(itertools.islice(f, BLOCK)):
-                    yield _Lines(lines, shown, number, source.columns.get("id", "id"))
-                    number += len(lines)
+                while data := f.read(BLOCK_BYTES):
+                    if not data.endswith(b"\n"):
+                        data += f.readline()
+                    yield _Lines(data, shown, number, source.columns.get("id", "id"))
+                    number += data.count(b"\n") + (not data.endswith(b"\n"))
         return
     yield from _blocks(_read(source, recipe_dir), BLOCK)
 
@@ -250,25 +278,26 @@ def _prepare_block(block: _Lines | list[_Raw | _Candidate], source: ir.Source, s
 
 def _prepare_lines(block: _Lines, source: ir.Source, step_id: str) -> _Prepared:
     """Lines of JSON Lines: the plain records columnar (`ingest_columnar`), the others one by one."""
-    numbered = [(number, line) for number, line in enumerate(block.lines, start=block.first) if line.strip()]
+    numbered = [(number, line) for number, line in enumerate(block.split(), start=block.first) if line.strip()]
     if not numbered or not ingest_columnar.eligible(source):
-        return _prepare_items([raw for number, line in numbered
+        slow = _prepare_items([raw for number, line in numbered
                                for raw in _jsonl_line(line, f"{block.shown}:{number}", block.id_key)], source, step_id)
-    fast, fast_texts, accepted = ingest_columnar.read(
+        return _with_lines(slow, [number for number, _ in numbered])
+    fast, accepted = ingest_columnar.read(
         [line for _, line in numbered], [number for number, _ in numbered], block.shown, source, step_id, _KNOWN_FIELDS)
+    left = [number for (number, _), done in zip(numbered, accepted.tolist()) if not done]
     slow = _prepare_items([raw for (number, line), done in zip(numbered, accepted.tolist()) if not done
                            for raw in _jsonl_line(line, f"{block.shown}:{number}", block.id_key)], source, step_id)
     if not slow.kinds:
-        return _Prepared(bytes([_ROW]) * fast.num_rows, fast, fast_texts, [], [])
+        return _Prepared(bytes([_ROW]) * fast.num_rows, fast, None, [], [])
+    slow = _with_lines(slow, left)
     kinds = bytearray()
     order: list[int] = []  # rows of `fast`, then of `slow.rows` (offset by fast.num_rows)
-    texts: list[str] = []
     next_fast = next_item = next_slow_row = 0
     for done in accepted.tolist():  # every non-blank line is one row of `fast` or one item of `slow`
         if done:
             kinds.append(_ROW)
             order.append(next_fast)
-            texts.append(fast_texts[next_fast])
             next_fast += 1
             continue
         kind = slow.kinds[next_item]
@@ -276,10 +305,19 @@ def _prepare_lines(block: _Lines, source: ir.Source, step_id: str) -> _Prepared:
         kinds.append(kind)
         if kind == _ROW:
             order.append(fast.num_rows + next_slow_row)
-            texts.append(slow.texts[next_slow_row])
             next_slow_row += 1
     rows = pa.concat_tables([fast, slow.rows]).take(pa.array(order, pa.int64()))
-    return _Prepared(bytes(kinds), rows, texts, slow.candidates, slow.rejects)
+    return _Prepared(bytes(kinds), rows, None, slow.candidates, slow.rejects)
+
+
+def _with_lines(prepared: _Prepared, numbers: list[int]) -> _Prepared:
+    """Items read from lines (`numbers`: each item's line, in order): their rows get their line number
+    instead of their text, which the step's process finds again in the block when it needs it."""
+    kinds = prepared.kinds
+    row_numbers = [number for number, kind in zip(numbers, kinds) if kind == _ROW]
+    rows = prepared.rows.set_column(ROW_SCHEMA.get_field_index(LINE), ROW_SCHEMA.field(LINE),
+                                    pa.array(row_numbers, pa.int64()))
+    return _Prepared(kinds, rows, None, prepared.candidates, prepared.rejects)
 
 
 def _prepare_items(block: list[_Raw | _Candidate], source: ir.Source, step_id: str) -> _Prepared:
@@ -316,10 +354,20 @@ def _prepare_items(block: list[_Raw | _Candidate], source: ir.Source, step_id: s
     columns["source"] = [name] * n
     columns["images"] = [[]] * n
     columns["provenance"] = [[step_id]] * n
-    return _Prepared(bytes(kinds), pa.Table.from_pydict(columns, schema=records.SCHEMA), texts, candidates, rejects)
+    columns[KEY] = [bytes.fromhex(i) for i in ids]
+    columns[OWN] = [None if sid is None else own_key(sid) for sid in source_ids]
+    columns[LINE] = [None] * n
+    return _Prepared(bytes(kinds), pa.Table.from_pydict(columns, schema=ROW_SCHEMA), texts, candidates, rejects)
 
 
 _SOURCES: dict[str, ir.Source] = {}
+
+
+def _worker_started() -> None:
+    """A preparing process's collector: what it imported is frozen out of its scans (else each full
+    collection walks every module's objects), and young collections come rarely (see `_fewer_collections`)."""
+    gc.freeze()
+    gc.set_threshold(100_000, *gc.get_threshold()[1:])
 
 
 def _prepare_in_worker(block: _Lines | list[_Raw | _Candidate], source_json: str, step_id: str) -> _Prepared:
@@ -348,21 +396,30 @@ class _Preparer:
     def prepare(self, blocks: Iterator[_Lines | list[_Raw | _Candidate]]) -> Iterator[_Prepared]:
         # the first block inline: starting processes costs more than a small source takes
         for block in itertools.islice(blocks, 1 if self.workers > 1 else None):
-            yield _prepare(block, self.source, self.step_id)
+            yield _with_block(_prepare(block, self.source, self.step_id), block)
         first = next(blocks, None)
         if first is None:
             return
         blocks = itertools.chain([first], blocks)
         # spawn: safe whatever the parent holds (threads, a GPU context)
-        self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"))
+        self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"),
+                                        initializer=_worker_started)
         source_json = self.source.model_dump_json()
         ahead: collections.deque[Any] = collections.deque()
         for block in blocks:
-            ahead.append(self.pool.submit(_prepare_in_worker, block, source_json, self.step_id))
+            ahead.append((block, self.pool.submit(_prepare_in_worker, block, source_json, self.step_id)))
             if len(ahead) > 2 * self.workers:
-                yield ahead.popleft().result()
+                done, future = ahead.popleft()
+                yield _with_block(future.result(), done)
         while ahead:
-            yield ahead.popleft().result()
+            done, future = ahead.popleft()
+            yield _with_block(future.result(), done)
+
+
+def _with_block(prepared: _Prepared, block: _Lines | list[_Raw | _Candidate]) -> _Prepared:
+    if isinstance(block, _Lines):
+        prepared.lines = block
+    return prepared
 
 
 class _Seen:
@@ -399,15 +456,17 @@ class _Seen:
             self.recent = {}
         return 0, None
 
-    def seen_all(self, keys: list[bytes], values: list[Any] | None = None) -> list[tuple[int, Any]]:
-        """`seen` for each key in order. Keys new to this `_Seen` and unique in `keys` (nearly all of
-        them) are recorded in bulk; only the others go through `seen` one by one."""
+    def seen_all(self, keys: list[bytes], values: list[Any] | None = None,
+                 array: np.ndarray | None = None) -> list[tuple[int, Any]]:
+        """`seen` for each key in order (`array`: the same keys as V16, when the caller has them).
+        Keys new to this `_Seen` and unique in `keys` (nearly all of them) are recorded in bulk; only
+        the others go through `seen` one by one."""
         values = values if values is not None else [None] * len(keys)
         if len(self.recent) + len(keys) >= self.RECENT:  # a merge falls inside: exactly as one by one
             return [self.seen(k, v) for k, v in zip(keys, values)]
         unique = set(keys)
         special = self.recent.keys() & unique  # a key in `again` is also in `recent` or `old`
-        special.update(self._in_old(keys))
+        special.update(self._in_old(keys, array))
         if len(unique) != len(keys):
             special.update(k for k, n in collections.Counter(keys).items() if n > 1)
         if not special:
@@ -422,15 +481,24 @@ class _Seen:
                 out.append((0, None))
         return out
 
-    def _in_old(self, keys: list[bytes]) -> list[bytes]:
+    def _in_old(self, keys: list[bytes], array: np.ndarray | None = None) -> list[bytes]:
         if not len(self.old) or not keys:
             return []
-        wanted = np.array(keys, dtype="V16")
+        wanted = array if array is not None else np.array(keys, dtype="V16")
         at = np.minimum(np.searchsorted(self.old, wanted), len(self.old) - 1)
         return [keys[i] for i in np.flatnonzero(self.old[at] == wanted).tolist()]
 
 
 _Results = Callable[[], dict[str, Any]]  # path -> ImageInfo | (reason, detail), once ready
+
+
+def _binary16(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed_size_binary(16) column as a V16 array, without copying per value (nulls as zeros)."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    data = array.buffers()[1]
+    if data is None or not len(array):
+        return np.zeros(len(array), dtype="V16")
+    return np.frombuffer(data, dtype="V16", count=array.offset + len(array))[array.offset:]
 
 
 def _images_of(item: _Candidate, images: dict[str, Any]) -> tuple[list[dict[str, Any]], tuple[str, str] | None]:
@@ -454,76 +522,98 @@ class _Assembler:
         self.own_ids = _Seen()  # the data set's ids (a digest) -> the origin of the record that has it
 
     def chunk(self, prepared: _Prepared, images: dict[str, Any]) -> Chunk:
-        """The block's records and rejects, in input order, once its images are inspected."""
-        rows, name = prepared.rows, self.source.name
-        ids = rows.column("id").to_pylist()
-        origins = rows.column("origin").to_pylist()
-        source_ids = rows.column("source_id").to_pylist()
-        rejects: list[tuple[int, Reject]] = []  # (item's position, its reject)
-        # the items that may become records, in order: (position, row of `rows` | candidate, its images)
-        alive: list[tuple[int, Any, list[dict[str, Any]] | None]] = []
-        row = candidate = reject = 0
-        for position, kind in enumerate(prepared.kinds):
-            if kind == _REJECT:
-                rejects.append((position, prepared.rejects[reject]))
-                reject += 1
-            elif kind == _ROW:
-                alive.append((position, row, None))
-                row += 1
+        """The block's records and rejects, in input order, once its images are inspected.
+
+        The items that may become records are the block's rows (0..n-1, their keys computed by the
+        worker) and then its candidates whose images are all good (n.., keys computed here); `order`
+        lists them in input order, which is the order ids are judged in and records come out in."""
+        table, name = prepared.rows, self.source.name
+        n = table.num_rows
+        kinds = np.frombuffer(prepared.kinds, dtype=np.uint8)
+        positions = [np.flatnonzero(kinds == _ROW)]
+        rejects: list[tuple[int, Reject]] = list(zip(np.flatnonzero(kinds == _REJECT).tolist(), prepared.rejects))
+        live: list[tuple[_Candidate, list[dict[str, Any]]]] = []
+        live_positions = []
+        for position, item in zip(np.flatnonzero(kinds == _CANDIDATE).tolist(), prepared.candidates):
+            image_dicts, failed = _images_of(item, images)
+            if failed:
+                rejects.append((position, self.reject(item, *failed)))
             else:
-                item = prepared.candidates[candidate]
-                candidate += 1
-                image_dicts, failed = _images_of(item, images)
-                if failed:
-                    rejects.append((position, self.reject(item, *failed)))
-                else:
-                    alive.append((position, item, image_dicts))
+                live.append((item, image_dicts))
+                live_positions.append(position)
+        positions.append(np.array(live_positions, dtype=np.int64))
+        position_of = np.concatenate(positions)
+        order = np.argsort(position_of, kind="stable") if live else np.arange(n)
 
         # a data set id seen before: the first record keeps it
-        own = [(k, source_ids[what] if dicts is None else what.source_id) for k, (_, what, dicts) in enumerate(alive)]
-        own = [(k, sid) for k, sid in own if sid is not None]
-        found = self.own_ids.seen_all(
-            [hashlib.blake2b(sid.encode("utf-8"), digest_size=16).digest() for _, sid in own],
-            [origins[alive[k][1]] if alive[k][2] is None else alive[k][1].origin for k, _ in own])
-        reused = set()
-        for (k, sid), (times, first) in zip(own, found):
-            if times:
-                reused.add(k)
-                where = f"record at {first}" if first is not None else "an earlier record of the source"
-                detail = f"id {sid!r} is already the id of the {where}"
-                position, what, dicts = alive[k]
-                rejects.append((position, self.reject(what, "duplicate_id", detail) if dicts is not None else
-                                Reject(reason="duplicate_id", detail=detail, source=name, origin=origins[what],
-                                       record=prepared.texts[what])))
-        survivors = [a for k, a in enumerate(alive) if k not in reused] if reused else alive
+        own = _binary16(table.column(OWN))
+        has_own = np.concatenate([pc.is_valid(table.column(OWN)).to_numpy(zero_copy_only=False),
+                                  np.array([item.source_id is not None for item, _ in live], dtype=bool)])
+        own_keys = np.concatenate([own, np.array([own_key(item.source_id) if item.source_id is not None else bytes(16)
+                                                  for item, _ in live], dtype="V16")])
+        judged = order[has_own[order]]
+        reused: list[int] = []
+        if len(judged):
+            origins = table.column("origin")
+            firsts = [origins[k].as_py() if k < n else live[k - n][0].origin for k in judged.tolist()] \
+                if live else origins.take(pa.array(judged)).to_pylist()
+            found = self.own_ids.seen_all(own_keys[judged].tolist(), firsts, array=own_keys[judged])
+            for k, (times, first) in zip(judged.tolist(), found):
+                if times:
+                    reused.append(k)
+                    rejects.append((int(position_of[k]), self._reused(prepared, live, k, first)))
+        survivors = order
+        if reused:
+            alive = np.ones(len(position_of), dtype=bool)
+            alive[reused] = False
+            survivors = order[alive[order]]
 
         # copies of one content numbered in input order
-        contents = [ids[what] if dicts is None else records.record_id(name, dicts, what.conversations)
-                    for _, what, dicts in survivors]
-        copies = self.copies.seen_all([bytes.fromhex(c) for c in contents])
-        kept: list[int] = []  # rows of `rows`, then of the candidates' rows (offset by len(rows))
+        contents = [records.record_id(name, image_dicts, item.conversations) for item, image_dicts in live]
+        keys = np.concatenate([_binary16(table.column(KEY)), np.array([bytes.fromhex(c) for c in contents], dtype="V16")])
+        copies = self.copies.seen_all(keys[survivors].tolist(), array=keys[survivors])
+        renamed: dict[int, str] = {}  # rows that are a later copy -> their id
         candidate_rows: list[dict[str, Any]] = []
-        for (_, what, dicts), content, (copy, _) in zip(survivors, contents, copies):
-            if dicts is None:
+        for k, (copy, _) in zip(survivors.tolist(), copies):
+            if k < n:
                 if copy:
-                    ids[what] = records.record_id(name, [], rows.column("conversations")[what].as_py(), copy=copy)
-                kept.append(what)
-            else:
-                kept.append(len(ids) + len(candidate_rows))
-                candidate_rows.append({
-                    "id": records.record_id(name, dicts, what.conversations, copy=copy) if copy else content,
-                    "source": name, "origin": what.origin, "images": dicts, "conversations": what.conversations,
-                    "category": what.category, "data_type": what.data_type, "image_tags": what.image_tags,
-                    "instruction_tags": what.instruction_tags, "scores": sorted(what.scores.items()),
-                    "provenance": [self.step_id], "source_id": what.source_id,
-                })
-        table = rows.set_column(0, records.SCHEMA.field("id"), pa.array(ids, pa.string()))
-        if candidate_rows:
-            table = pa.concat_tables([table, pa.Table.from_pylist(candidate_rows, schema=records.SCHEMA)])
-        if kept != list(range(table.num_rows)):
-            table = table.take(pa.array(kept, pa.int64()))
+                    renamed[k] = records.record_id(name, [], table.column("conversations")[k].as_py(), copy=copy)
+                continue
+            item, image_dicts = live[k - n]
+            candidate_rows.append({
+                "id": records.record_id(name, image_dicts, item.conversations, copy=copy) if copy else contents[k - n],
+                "source": name, "origin": item.origin, "images": image_dicts, "conversations": item.conversations,
+                "category": item.category, "data_type": item.data_type, "image_tags": item.image_tags,
+                "instruction_tags": item.instruction_tags, "scores": sorted(item.scores.items()),
+                "provenance": [self.step_id], "source_id": item.source_id,
+            })
+        out = table.select(records.SCHEMA.names)
+        if renamed:
+            mask = np.zeros(n, dtype=bool)
+            mask[list(renamed)] = True
+            ids = pc.replace_with_mask(out.column("id").combine_chunks(), pa.array(mask),
+                                       pa.array([renamed[k] for k in sorted(renamed)], pa.string()))
+            out = out.set_column(0, records.SCHEMA.field("id"), ids)
+        if candidate_rows:  # in input order among the survivors, like the rows
+            out = pa.concat_tables([out, pa.Table.from_pylist(candidate_rows, schema=records.SCHEMA)])
+            index = np.arange(len(position_of))  # item -> its row of `out`: a row itself, a candidate after them
+            index[survivors[survivors >= n]] = n + np.arange(len(candidate_rows))
+            out = out.take(pa.array(index[survivors]))
+        elif reused:
+            out = out.take(pa.array(survivors))
         rejects.sort(key=lambda r: r[0])
-        return Chunk(records=table, rejects=[r for _, r in rejects], consumed=len(prepared.kinds))
+        return Chunk(records=out, rejects=[r for _, r in rejects], consumed=len(prepared.kinds))
+
+    def _reused(self, prepared: _Prepared, live: list[tuple[_Candidate, Any]], k: int, first: str | None) -> Reject:
+        """The reject of item `k` (a row, or a live candidate after the n rows), whose own id is reused."""
+        n = prepared.rows.num_rows
+        sid = prepared.rows.column("source_id")[k].as_py() if k < n else live[k - n][0].source_id
+        where = f"record at {first}" if first is not None else "an earlier record of the source"
+        detail = f"id {sid!r} is already the id of the {where}"
+        if k >= n:
+            return self.reject(live[k - n][0], "duplicate_id", detail)
+        return Reject(reason="duplicate_id", detail=detail, source=self.source.name,
+                      origin=prepared.rows.column("origin")[k].as_py(), record=prepared.text(k))
 
     def reject(self, item: _Candidate, reason: str, detail: str, rid: str = "") -> Reject:
         return Reject(reason=reason, detail=detail, id=rid, source=self.source.name, origin=item.origin,
@@ -1215,7 +1305,8 @@ class _Inspector:
             return self._remember(known, todo, lambda: done)
         if self.pool is None:
             # spawn: safe whatever the parent holds (threads, a GPU context)
-            self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"))
+            self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"),
+                                        initializer=_worker_started)
         pieces = [todo[i:i + PIECE] for i in range(0, len(todo), PIECE)]
         futures = [self.pool.submit(_inspect_piece, self.root, piece, self.max_pixels) for piece in pieces]
 

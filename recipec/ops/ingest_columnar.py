@@ -12,12 +12,16 @@ field, as the per-line path would give.
 
 Pyarrow parses a block in C++, several times faster than Python can build the objects, and the
 checks are vectorised; what is left per record in Python is its content id and its origin.
+
+The rows carry three columns beyond records.SCHEMA for the step's process (`ROW_SCHEMA`): the raw
+16 bytes of the content id and of the data set's own id (the keys it numbers copies and spots
+reused ids by), and the row's line number (to find its text again, should it be rejected).
 """
 
 from __future__ import annotations
 
 import io
-from hashlib import sha256
+from hashlib import blake2b, sha256
 from typing import Any
 
 import numpy as np
@@ -32,6 +36,15 @@ MAX_SPLITS = 16  # rows pyarrow refuses in one block before the rest of it goes 
 _READ = pj.ReadOptions(use_threads=False, block_size=1 << 26)
 _PARSE = pj.ParseOptions(newlines_in_values=False)
 
+KEY, OWN, LINE = "_key", "_own", "_line"
+ROW_SCHEMA = pa.schema([*records.SCHEMA, pa.field(KEY, pa.binary(16)), pa.field(OWN, pa.binary(16)),
+                        pa.field(LINE, pa.int64())])
+
+
+def own_key(source_id: str) -> bytes:
+    """The 16-byte key of a data set's own id (a lone surrogate, which only the stdlib reads, kept as is)."""
+    return blake2b(source_id.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
 
 def eligible(source: ir.Source) -> bool:
     """Whether a source's records can be read here: no renamed columns, not an image folder."""
@@ -39,9 +52,9 @@ def eligible(source: ir.Source) -> bool:
 
 
 def read(lines: list[bytes], numbers: list[int], shown: str, source: ir.Source, step_id: str,
-         known_fields: frozenset[str] | set[str]) -> tuple[pa.Table, list[str], np.ndarray]:
-    """The plain records among `lines` (no blank ones) as rows in records.SCHEMA, `id` being their
-    content id; their texts (for a later reject); and which lines they are (the others are left)."""
+         known_fields: frozenset[str] | set[str]) -> tuple[pa.Table, np.ndarray]:
+    """The plain records among `lines` (no blank ones; `numbers` are their line numbers) as rows in
+    ROW_SCHEMA, `id` being their content id; and which lines they are (the others are left)."""
     accepted = np.zeros(len(lines), dtype=bool)
     joined = b"".join(lines)
     if b"NaN" in joined or b"Infinity" in joined or b"\xef\xbb\xbf" in joined:  # rare: look line by line
@@ -50,7 +63,6 @@ def read(lines: list[bytes], numbers: list[int], shown: str, source: ir.Source, 
     else:
         usable = np.ones(len(lines), dtype=bool)
     tables: list[pa.Table] = []
-    texts: list[str] = []
     splits = 0
     start = 0
     while start < len(lines):
@@ -75,14 +87,12 @@ def read(lines: list[bytes], numbers: list[int], shown: str, source: ir.Source, 
         if parsed.num_rows != end - start:  # a line with two values: the per-line path rejects it
             usable[start:end] = False
             continue
-        table, ok, row_texts = _convert(parsed, lines[start:end], numbers[start:end], shown, source, step_id,
-                                        known_fields)
+        table, ok = _convert(parsed, numbers[start:end], shown, source, step_id, known_fields)
         tables.append(table)
-        texts.extend(row_texts)
         accepted[start:end] = ok
         start = end
-    rows = pa.concat_tables(tables) if tables else records.SCHEMA.empty_table()
-    return rows, texts, accepted
+    rows = pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
+    return rows, accepted
 
 
 def _row_of(message: str) -> int | None:
@@ -112,8 +122,8 @@ def _per_row(flags: np.ndarray, parents: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(parents[flags], minlength=n) > 0 if flags.any() else np.zeros(n, dtype=bool)
 
 
-def _convert(t: pa.Table, lines: list[bytes], numbers: list[int], shown: str, source: ir.Source, step_id: str,
-             known_fields: frozenset[str] | set[str]) -> tuple[pa.Table, np.ndarray, list[str]]:
+def _convert(t: pa.Table, numbers: list[int], shown: str, source: ir.Source, step_id: str,
+             known_fields: frozenset[str] | set[str]) -> tuple[pa.Table, np.ndarray]:
     n = t.num_rows
     ok = np.ones(n, dtype=bool)
 
@@ -127,11 +137,11 @@ def _convert(t: pa.Table, lines: list[bytes], numbers: list[int], shown: str, so
         else None
     if turn_type is None or not pa.types.is_struct(turn_type) or turn_type.get_field_index("from") < 0 \
             or turn_type.get_field_index("value") < 0:
-        return records.SCHEMA.empty_table(), np.zeros(n, dtype=bool), []
+        return ROW_SCHEMA.empty_table(), np.zeros(n, dtype=bool)
     turns = conversations.flatten()
     who, said = turns.field("from"), turns.field("value")
     if not (_strings(who) and _strings(said)):
-        return records.SCHEMA.empty_table(), np.zeros(n, dtype=bool), []
+        return ROW_SCHEMA.empty_table(), np.zeros(n, dtype=bool)
     ok &= _valid(conversations)
     lengths = np.asarray(pc.list_value_length(conversations).fill_null(0), dtype=np.int64)
     ok &= (lengths >= 2) & (lengths % 2 == 0)
@@ -197,9 +207,14 @@ def _convert(t: pa.Table, lines: list[bytes], numbers: list[int], shown: str, so
 
     keep = np.flatnonzero(ok)
     if not len(keep):
-        return records.SCHEMA.empty_table(), ok, []
+        return ROW_SCHEMA.empty_table(), ok
+    everything = len(keep) == n
     picked = pa.array(keep)
-    kept_turns = conversations.take(picked)
+
+    def kept(array: pa.Array) -> pa.Array:
+        return array if everything else array.take(picked)
+
+    kept_turns = kept(conversations)
     flat = kept_turns.flatten()
     froms, values = flat.field("from").to_pylist(), flat.field("value").to_pylist()
 
@@ -208,18 +223,18 @@ def _convert(t: pa.Table, lines: list[bytes], numbers: list[int], shown: str, so
     bounds = np.concatenate([[0], np.cumsum(lengths[keep])]).tolist()
     # (from, value) tuples: orjson writes them as the arrays records.record_id hashes; strings read
     # by pyarrow are valid UTF-8, which is all that could make orjson refuse them
-    ids = [sha256(dumps({"conversations": list(zip(froms[a:b], values[a:b])), "images": [], "source": name}))
-           .hexdigest()[:32] for a, b in zip(bounds, bounds[1:])]
+    pairs = list(zip(froms, values))
+    keys = [sha256(dumps({"conversations": pairs[a:b], "images": [], "source": name})).digest()[:16]
+            for a, b in zip(bounds, bounds[1:])]
     kept_ids = [source_ids[r] for r in rows]
     origins = [f"{shown}:{numbers[r]}" if sid is None else f"{shown}:{numbers[r]} id={sid}"
                for r, sid in zip(rows, kept_ids)]
-    texts = [lines[r].decode("utf-8").strip() for r in rows]
-    columns = {key: t.column(key).take(picked).to_pylist() for key in numeric}
+    columns = {key: kept(t.column(key)).to_pylist() for key in numeric}
     if len(numeric) == 1 and not nested:  # the common case: one score
         (key, given_values), = columns.items()
         scores = [[] if v is None else [(key, float(v))] for v in given_values]
     else:
-        nested_columns = {key: given.field(key).take(picked).to_pylist() for key in nested} if nested else {}
+        nested_columns = {key: kept(given.field(key)).to_pylist() for key in nested} if nested else {}
         given_valid = _valid(given)[keep].tolist() if nested else None
         scores = []
         for k in range(len(rows)):
@@ -230,20 +245,24 @@ def _convert(t: pa.Table, lines: list[bytes], numbers: list[int], shown: str, so
 
     count = len(keep)
     table = pa.Table.from_arrays([
-        pa.array(ids, pa.string()),
+        pa.array([k.hex() for k in keys], pa.string()),
         pa.array([name] * count, pa.string()),
         pa.array(origins, pa.string()),
         pa.array([[]] * count, records.SCHEMA.field("images").type),
         _turns(kept_turns, count),
         pa.array([source.category] * count, pa.string()),
-        data_types.take(picked).cast(pa.string()),
-        tags["image_tags"].take(picked),
-        tags["instruction_tags"].take(picked),
+        kept(data_types).cast(pa.string()),
+        kept(tags["image_tags"]),
+        kept(tags["instruction_tags"]),
         pa.array(scores, records.SCHEMA.field("scores").type),
         pa.array([[step_id]] * count, records.SCHEMA.field("provenance").type),
         pa.array(kept_ids, pa.string()),
-    ], schema=records.SCHEMA)
-    return table, ok, texts
+        pa.array(keys, pa.binary(16)),
+        pa.array([None if sid is None else blake2b(sid.encode(), digest_size=16).digest() for sid in kept_ids],
+                 pa.binary(16)),  # own_key: strings pyarrow read are valid UTF-8
+        pa.array([numbers[r] for r in rows], pa.int64()),
+    ], schema=ROW_SCHEMA)
+    return table, ok
 
 
 def _turns(conversations: pa.Array, count: int) -> pa.Array:
