@@ -472,15 +472,18 @@ def test_columnar_reading_gives_what_reading_line_by_line_gives(monkeypatch: pyt
         "data_type": st.sampled_from(["ocr", "math_reasoning", "nope", 3, None]),
         "image_tags": st.sampled_from([["cat"], [], ["a", None], "x", None]),
         "instruction_tags": st.sampled_from([["count"], None]),
-        "loss": st.sampled_from([0.5, 2, None, "high", True]),
+        "loss": st.sampled_from([0.5, 2, None, "high", True, 12345678901234567]),
         "score": st.sampled_from([1.25, -3]),
         "scores": st.sampled_from([{"q": 1}, {"q": 0.5, "loss": 9, "t": "x"}, {}, [1], None]),
         "image": st.sampled_from(["a.png", ["a.png", "b.png"], [], None]),
         "category": st.sampled_from(["ocr", 5]),
     })
+    QA = b'"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]'
     odd = st.sampled_from([b"", b"   ", b'{"id": "x", "conversations": [', b"[1, 2]", b'"text"',
                            b'{"a": NaN}', b'{"id": "d", "id": "e"}', b'{"a": 1} {"b": 2}', b'{"v": "\\ud800"}',
-                           b'\xef\xbb\xbf{"conversations": []}', b'{"v": "\xff"}', b'{"v": "tab\x01"}'])
+                           b'\xef\xbb\xbf{"conversations": []}', b'{"v": "\xff"}', b'{"v": "tab\x01"}',
+                           b'{"a": Inf}', b'{%s, "loss": -Infinity}' % QA, b'{%s, "meta": {"v": [1.5, NaN]}}' % QA,
+                           b'{%s, "loss": 1.5}' % QA, b'\xef\xbb\xbf{%s, "loss": 2.5}' % QA, b'{%s, "loss": 1e999}' % QA])
     line = st.one_of(record.map(lambda r: json.dumps(r, ensure_ascii=False).encode("utf-8")), odd)
 
     src = ingest.ir.Source.model_validate(source(images=None))

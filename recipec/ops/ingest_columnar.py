@@ -5,8 +5,8 @@ The rule is the one `ingest._plain_candidate` keeps: accept only what the full c
 the same result, and leave everything else to them. So a line goes back to the per-line path
 (`ingest._jsonl_line`, then `_validate`) when anything about it is unusual: it has an image, it
 fails to parse here (pyarrow names the row, and the lines before and after it are parsed again
-without it), it holds a value the two parsers may read differently (NaN and Infinity, which
-pyarrow accepts, or a byte order mark), or a field has a type this path does not handle. Those
+without it), it holds a value the two parsers read differently (NaN, Inf and Infinity, which
+pyarrow reads as floats, found after parsing), or a field has a type this path does not handle. Those
 lines keep their exact reasons and details; the records read here are the same rows, field for
 field, as the per-line path would give.
 
@@ -57,11 +57,7 @@ def read(lines: list[bytes], numbers: list[int], shown: str, source: ir.Source, 
     ROW_SCHEMA, `id` being their content id; and which lines they are (the others are left)."""
     accepted = np.zeros(len(lines), dtype=bool)
     joined = b"".join(lines)
-    if b"NaN" in joined or b"Infinity" in joined or b"\xef\xbb\xbf" in joined:  # rare: look line by line
-        usable = np.array([not (b"NaN" in line or b"Infinity" in line or line.startswith(b"\xef\xbb\xbf"))
-                           for line in lines], dtype=bool)
-    else:
-        usable = np.ones(len(lines), dtype=bool)
+    usable = np.ones(len(lines), dtype=bool)
     tables: list[pa.Table] = []
     splits = 0
     start = 0
@@ -87,12 +83,49 @@ def read(lines: list[bytes], numbers: list[int], shown: str, source: ir.Source, 
         if parsed.num_rows != end - start:  # a line with two values: the per-line path rejects it
             usable[start:end] = False
             continue
+        odd = _non_finite_rows(parsed)
+        if odd.any():  # NaN, Inf, Infinity: pyarrow reads them, the per-line path rejects the line
+            usable[start + np.flatnonzero(odd)] = False
+            continue
         table, ok = _convert(parsed, numbers[start:end], shown, source, step_id, known_fields)
         tables.append(table)
         accepted[start:end] = ok
         start = end
     rows = pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
     return rows, accepted
+
+
+def _non_finite_rows(table: pa.Table) -> np.ndarray:
+    """Rows holding a NaN or an infinity anywhere (a float column, or one inside lists and objects)."""
+    odd = np.zeros(table.num_rows, dtype=bool)
+    for column in table.columns:
+        if _has_floats(column.type):
+            odd |= _non_finite(column.combine_chunks())
+    return odd
+
+
+def _has_floats(t: pa.DataType) -> bool:
+    if pa.types.is_floating(t):
+        return True
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return _has_floats(t.value_type)
+    return pa.types.is_struct(t) and any(_has_floats(f.type) for f in t)
+
+
+def _non_finite(array: pa.Array) -> np.ndarray:
+    t = array.type
+    if pa.types.is_floating(t):
+        return ~np.asarray(pc.is_finite(array).fill_null(True), dtype=bool)
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        inner = _non_finite(array.flatten())
+        parents = np.asarray(pc.list_parent_indices(array), dtype=np.int64)
+        return np.bincount(parents[inner], minlength=len(array)) > 0 if inner.any() else np.zeros(len(array), bool)
+    odd = np.zeros(len(array), dtype=bool)
+    if pa.types.is_struct(t):
+        for f, child in zip(t, array.flatten()):
+            if _has_floats(f.type):
+                odd |= _non_finite(child)
+    return odd
 
 
 def _row_of(message: str) -> int | None:
@@ -229,40 +262,67 @@ def _convert(t: pa.Table, numbers: list[int], shown: str, source: ir.Source, ste
     kept_ids = [source_ids[r] for r in rows]
     origins = [f"{shown}:{numbers[r]}" if sid is None else f"{shown}:{numbers[r]} id={sid}"
                for r, sid in zip(rows, kept_ids)]
-    columns = {key: kept(t.column(key)).to_pylist() for key in numeric}
-    if len(numeric) == 1 and not nested:  # the common case: one score
-        (key, given_values), = columns.items()
-        scores = [[] if v is None else [(key, float(v))] for v in given_values]
+    count = len(keep)
+    if len(numeric) == 1 and not nested:  # the common case: one score, as a map array built whole
+        scores = _one_score(numeric[0], kept(t.column(numeric[0])).combine_chunks())
     else:
+        columns = {key: kept(t.column(key)).to_pylist() for key in numeric}
         nested_columns = {key: kept(given.field(key)).to_pylist() for key in nested} if nested else {}
         given_valid = _valid(given)[keep].tolist() if nested else None
-        scores = []
+        entries = []
         for k in range(len(rows)):
             entry = {key: float(v) for key in numeric if (v := columns[key][k]) is not None}
             if nested and given_valid[k]:
                 entry.update({key: float(v) for key in nested if (v := nested_columns[key][k]) is not None})
-            scores.append(sorted(entry.items()))
+            entries.append(sorted(entry.items()))
+        scores = pa.array(entries, records.SCHEMA.field("scores").type)
 
-    count = len(keep)
+    key_bytes = b"".join(keys)
     table = pa.Table.from_arrays([
-        pa.array([k.hex() for k in keys], pa.string()),
-        pa.array([name] * count, pa.string()),
+        _hex(key_bytes, count),
+        pa.repeat(name, count),
         pa.array(origins, pa.string()),
-        pa.array([[]] * count, records.SCHEMA.field("images").type),
+        _lists(np.zeros(count + 1, dtype=np.int32), pa.array([], records.IMAGE), "images"),
         _turns(kept_turns, count),
-        pa.array([source.category] * count, pa.string()),
+        pa.repeat(source.category, count),
         kept(data_types).cast(pa.string()),
         kept(tags["image_tags"]),
         kept(tags["instruction_tags"]),
-        pa.array(scores, records.SCHEMA.field("scores").type),
-        pa.array([[step_id]] * count, records.SCHEMA.field("provenance").type),
+        scores,
+        _lists(np.arange(count + 1, dtype=np.int32), pa.repeat(step_id, count), "provenance"),
         pa.array(kept_ids, pa.string()),
-        pa.array(keys, pa.binary(16)),
+        pa.Array.from_buffers(pa.binary(16), count, [None, pa.py_buffer(key_bytes)]),
         pa.array([None if sid is None else blake2b(sid.encode(), digest_size=16).digest() for sid in kept_ids],
                  pa.binary(16)),  # own_key: strings pyarrow read are valid UTF-8
-        pa.array([numbers[r] for r in rows], pa.int64()),
+        pa.array(np.asarray(numbers, dtype=np.int64)[keep]),
     ], schema=ROW_SCHEMA)
     return table, ok
+
+
+_HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+
+
+def _hex(key_bytes: bytes, count: int) -> pa.Array:
+    """16-byte keys as 32 hex digits each, a string array built whole (what `.hex()` gives)."""
+    raw = np.frombuffer(key_bytes, dtype=np.uint8)
+    digits = np.empty(2 * len(raw), dtype=np.uint8)
+    digits[0::2], digits[1::2] = _HEX_DIGITS[raw >> 4], _HEX_DIGITS[raw & 15]
+    offsets = np.arange(0, 32 * count + 1, 32, dtype=np.int32)
+    return pa.Array.from_buffers(pa.string(), count, [None, pa.py_buffer(offsets), pa.py_buffer(digits)])
+
+
+def _lists(offsets: np.ndarray, values: pa.Array, name: str) -> pa.Array:
+    return pa.ListArray.from_arrays(pa.array(offsets), values, type=records.SCHEMA.field(name).type)
+
+
+def _one_score(key: str, values: pa.Array) -> pa.Array:
+    """`scores` when one top-level number is the only score: {key: float(value)}, {} where it is null."""
+    present = _valid(values)
+    offsets = np.concatenate([[0], np.cumsum(present)]).astype(np.int32)
+    given = values.filter(pa.array(present)) if values.null_count else values
+    items = given.cast(pa.float64(), safe=False)  # as float() rounds an integer past 2**53
+    return pa.MapArray.from_arrays(pa.array(offsets), pa.repeat(key, len(items)), items,
+                                   type=records.SCHEMA.field("scores").type)
 
 
 def _turns(conversations: pa.Array, count: int) -> pa.Array:
