@@ -87,7 +87,9 @@ def read(lines: list[bytes], numbers: list[int], shown: str, source: ir.Source, 
         if odd.any():  # NaN, Inf, Infinity: pyarrow reads them, the per-line path rejects the line
             usable[start + np.flatnonzero(odd)] = False
             continue
-        table, ok = _convert(parsed, numbers[start:end], shown, source, step_id, known_fields)
+        # no `<image>` in the bytes and no \u escape that could spell one: no turn holds the token
+        tokens = b"<image>" in body or b"\\u" in body
+        table, ok = _convert(parsed, numbers[start:end], shown, source, step_id, known_fields, tokens)
         tables.append(table)
         accepted[start:end] = ok
         start = end
@@ -156,7 +158,7 @@ def _per_row(flags: np.ndarray, parents: np.ndarray, n: int) -> np.ndarray:
 
 
 def _convert(t: pa.Table, numbers: list[int], shown: str, source: ir.Source, step_id: str,
-             known_fields: frozenset[str] | set[str]) -> tuple[pa.Table, np.ndarray]:
+             known_fields: frozenset[str] | set[str], may_hold_tokens: bool = True) -> tuple[pa.Table, np.ndarray]:
     n = t.num_rows
     ok = np.ones(n, dtype=bool)
 
@@ -183,7 +185,8 @@ def _convert(t: pa.Table, numbers: list[int], shown: str, source: ir.Source, ste
     asking = (np.arange(len(turns)) - starts[parents]) % 2 == 0
     human = np.asarray(pc.equal(who, records.USER).fill_null(False), dtype=bool)
     answer = np.asarray(pc.equal(who, records.ASSISTANT).fill_null(False), dtype=bool)
-    tokens = np.asarray(pc.count_substring(said, records.IMAGE_TOKEN).fill_null(0), dtype=np.int64)
+    tokens = np.asarray(pc.count_substring(said, records.IMAGE_TOKEN).fill_null(0), dtype=np.int64) \
+        if may_hold_tokens else np.zeros(len(said), dtype=np.int64)
     bad_turn = ~_valid(turns) | ~_valid(said) | np.where(asking, ~human, ~answer) | (~asking & (tokens > 0))
     ok &= ~_per_row(bad_turn, parents, n)
     ok &= np.bincount(parents, weights=tokens, minlength=n) == 0  # no image, so no <image> token
