@@ -472,13 +472,14 @@ class _Seen:
         if not special:
             self.recent.update(zip(keys, values))
             return [(0, None)] * len(keys)
-        out = []
-        for k, v in zip(keys, values):
-            if k in special:
-                out.append(self.seen(k, v))
-            else:
-                self.recent[k] = v
-                out.append((0, None))
+        # the special keys one by one, in order; then the others in bulk (distinct from them, and
+        # no merge can fall inside, so neither changes what the other finds)
+        out = [(0, None)] * len(keys)
+        plain = dict(zip(keys, values))
+        for i in [i for i, k in enumerate(keys) if k in special]:
+            out[i] = self.seen(keys[i], values[i])
+            plain.pop(keys[i], None)
+        self.recent.update(plain)
         return out
 
     def _in_old(self, keys: list[bytes], array: np.ndarray | None = None) -> list[bytes]:
