@@ -291,23 +291,16 @@ def _prepare_lines(block: _Lines, source: ir.Source, step_id: str) -> _Prepared:
     if not slow.kinds:
         return _Prepared(bytes([_ROW]) * fast.num_rows, fast, None, [], [])
     slow = _with_lines(slow, left)
-    kinds = bytearray()
-    order: list[int] = []  # rows of `fast`, then of `slow.rows` (offset by fast.num_rows)
-    next_fast = next_item = next_slow_row = 0
-    for done in accepted.tolist():  # every non-blank line is one row of `fast` or one item of `slow`
-        if done:
-            kinds.append(_ROW)
-            order.append(next_fast)
-            next_fast += 1
-            continue
-        kind = slow.kinds[next_item]
-        next_item += 1
-        kinds.append(kind)
-        if kind == _ROW:
-            order.append(fast.num_rows + next_slow_row)
-            next_slow_row += 1
-    rows = pa.concat_tables([fast, slow.rows]).take(pa.array(order, pa.int64()))
-    return _Prepared(bytes(kinds), rows, None, slow.candidates, slow.rejects)
+    # every non-blank line is one row of `fast` (accepted) or one item of `slow`, in order
+    kinds = np.full(len(accepted), _ROW, dtype=np.uint8)
+    kinds[~accepted] = np.frombuffer(slow.kinds, dtype=np.uint8)
+    if not slow.rows.num_rows:  # the others all rejects or candidates: the rows are `fast`'s, in order
+        return _Prepared(kinds.tobytes(), fast, None, slow.candidates, slow.rejects)
+    is_row = kinds == _ROW
+    slow_row = ~accepted & is_row
+    order = np.where(accepted, np.cumsum(accepted) - 1, fast.num_rows + np.cumsum(slow_row) - 1)[is_row]
+    rows = pa.concat_tables([fast, slow.rows]).take(pa.array(order))
+    return _Prepared(kinds.tobytes(), rows, None, slow.candidates, slow.rejects)
 
 
 def _with_lines(prepared: _Prepared, numbers: list[int]) -> _Prepared:
