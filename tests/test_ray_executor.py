@@ -283,6 +283,9 @@ def test_a_killed_global_step_redoes_only_the_partitions_not_finished(project, d
     _same_step(outcome.manifest, local[step])
 
 
+AHEAD = re.compile(r"step (\S+) \((\w+)\) launched on Ray ahead of its turn")
+
+
 def test_the_ingests_run_at_the_same_time_and_the_driver_stores_them(project, data_runs, tmp_path, caplog):
     from recipec.compiler import compile_file
 
@@ -294,8 +297,9 @@ def test_the_ingests_run_at_the_same_time_and_the_driver_stores_them(project, da
     _drop_steps(store_dir, ingests)
     caplog.set_level("INFO", logger="recipec.run")
     result = execute_ray(plan, store=Store(store_dir), recipe_dir=project, until=sorted(ingests))
-    launched = re.findall(r"step (\S+) \(ingest\) on Ray: (\d+) ingest step\(s\) launched with it", caplog.text)
-    assert len(launched) == 1 and int(launched[0][1]) == len(ingests) - 1 >= 2  # all of them as one wave
+    ahead = set(AHEAD.findall(caplog.text))
+    first = next(s for s in plan.steps if s in ingests)
+    assert ahead == {(s, "ingest") for s in ingests - {first}} and len(ahead) >= 2  # each before its turn
     assert [o.id for o in result.outcomes] == [s for s in plan.steps if s in ingests]  # stored in plan order
     for outcome in result.outcomes:
         assert not outcome.cached
@@ -325,3 +329,229 @@ def test_ray_flags_need_the_ray_executor(project, tmp_path, capsys):
     code = main(["run", str(project / "data.recipe"), "--data-only", "-q", "--address", "auto",
                  "--store", str(tmp_path / "s")])
     assert code == 2 and "--executor ray" in capsys.readouterr().err
+
+
+# Two steps that do not depend on each other: export.s1 (one task) and mix.s2a (its per-record pass in
+# partitions, then its decision). Plan order: export.s1 first.
+EARLIER, LATER = "export.s1", "mix.s2a"
+
+
+def _meeting_ops(events: Path) -> dict:
+    """export and mix marking their start and end in `events`. The mix's per-record pass waits until the
+    export has started, and the export until a pass of the mix has ended: the run finishes only if the
+    two steps run at the same time, and the later step in plan order finishes first. (Self-contained:
+    the workers cannot import this module.)"""
+    from recipec.ops.registry import OPERATIONS
+
+    export, mix = OPERATIONS["export"], OPERATIONS["mix"]
+
+    def mark(line):
+        with open(events, "a") as f:
+            f.write(line + "\n")
+
+    def wait_for(who, line):  # a minute at most: a step that never sees `line` was run alone
+        import time
+
+        deadline = time.monotonic() + 60
+        while line not in events.read_text().splitlines():
+            if time.monotonic() > deadline:
+                raise OperationError(f"{who} waited in vain for {line!r}")
+            time.sleep(0.05)
+
+    def run_export(ctx, inputs):
+        mark(f"start {ctx.step_id}")
+        wait_for(ctx.step_id, f"end {LATER}")
+        yield from export(ctx, inputs)
+        mark(f"end {ctx.step_id}")
+
+    def per_record(ctx, inputs):
+        mark(f"start {ctx.step_id}")
+        wait_for(ctx.step_id, f"start {EARLIER}")
+        found = mix.per_record(ctx, inputs)
+        mark(f"end {ctx.step_id}")
+        return found
+
+    def run_mix(ctx, inputs):
+        yield from mix.decide(ctx, inputs, per_record(ctx, inputs))
+
+    run_export.streams = getattr(export, "streams", False)
+    run_mix.streams, run_mix.per_record, run_mix.combine, run_mix.decide = True, per_record, mix.combine, mix.decide
+    return {**OPERATIONS, "export": run_export, "mix": run_mix}
+
+
+def _without(project: Path, data_runs: Path, store_dir: Path, steps: set[str]):
+    from recipec.compiler import compile_file
+
+    shutil.copytree(data_runs / "ray", store_dir, ignore=shutil.ignore_patterns("lock"))
+    _drop_steps(store_dir, steps)
+    return build_plan(compile_file(project / "data.recipe").recipe)
+
+
+DONE = re.compile(r"step (\S+) \((\w+)\) done in")
+
+
+def test_independent_steps_run_at_the_same_time_and_are_stored_in_plan_order(project, data_runs, tmp_path,
+                                                                              caplog):
+    plan = _without(project, data_runs, tmp_path / "store", {EARLIER, LATER})
+    events = tmp_path / "events"
+    events.touch()
+    caplog.set_level("INFO", logger="recipec.run")
+    result = execute_ray(plan, store=Store(tmp_path / "store"), recipe_dir=project, until=[EARLIER, LATER],
+                         operations=_meeting_ops(events))
+    lines = events.read_text().splitlines()
+    assert lines[-1] == f"end {EARLIER}" and f"end {LATER}" in lines  # the later one finished first ...
+    assert [s for s, _ in DONE.findall(caplog.text)] == [EARLIER, LATER]  # ... and was stored second
+    assert (LATER, "mix") in AHEAD.findall(caplog.text)
+    assert [o.id for o in result.outcomes] == [s for s in plan.steps if s in result.selected]
+    local = _manifests(data_runs / "local")
+    for outcome in result.outcomes:
+        _same_step(outcome.manifest, local[outcome.id])
+    assert not list((tmp_path / "store").glob("work/*"))
+
+
+def _export_failing_once_another_step_is_done():
+    """export that waits until another step's work is finished in the store's work dir, then fails."""
+    from recipec.ops.registry import OPERATIONS
+
+    def run(ctx, inputs):
+        import time
+
+        deadline = time.monotonic() + 60
+        while not list(ctx.work_dir.parent.glob("*/whole/outcome.pkl")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        raise OperationError("injected failure")
+        yield
+
+    run.streams = True
+    return {**OPERATIONS, "export": run}
+
+
+def test_a_step_failing_while_another_ran_keeps_the_other_for_the_next_run(project, data_runs, tmp_path, caplog):
+    store_dir = tmp_path / "store"
+    plan = _without(project, data_runs, store_dir, {EARLIER, LATER})
+    store = Store(store_dir)
+    with pytest.raises(StepFailed) as failed:
+        execute_ray(plan, store=store, recipe_dir=project, until=[EARLIER, LATER],
+                    operations=_export_failing_once_another_step_is_done())
+    assert str(failed.value) == f"step {EARLIER} (op `export`) failed: injected failure"  # as a local run says
+    assert not {EARLIER, LATER} & set(_manifests(store_dir))
+    assert len(list(store_dir.glob("work/*/whole/outcome.pkl"))) == 1  # the later step's work, finished
+    caplog.set_level("INFO", logger="recipec.run")
+    result = execute_ray(plan, store=store, recipe_dir=project, until=[EARLIER, LATER])
+    assert f"step {LATER} (mix) on Ray: decided already" in caplog.text  # its work was kept, not done again
+    local = _manifests(data_runs / "local")
+    assert {o.id for o in result.outcomes if not o.cached} == {EARLIER, LATER}
+    for outcome in result.outcomes:
+        _same_step(outcome.manifest, local[outcome.id])
+    assert not list(store_dir.glob("work/*"))
+
+
+def _mix_failing_while_export_waits(events: Path) -> dict:
+    """mix whose per-record pass fails (marking it in `events`), and export that waits for that mark."""
+    from recipec.ops.registry import OPERATIONS
+
+    export, mix = OPERATIONS["export"], OPERATIONS["mix"]
+
+    def run_export(ctx, inputs):
+        import time
+
+        deadline = time.monotonic() + 60
+        while "failed" not in events.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield from export(ctx, inputs)
+
+    def per_record(ctx, inputs):
+        with open(events, "a") as f:
+            f.write("failed\n")
+        raise OperationError("injected failure")
+
+    def run_mix(ctx, inputs):
+        yield from mix.decide(ctx, inputs, per_record(ctx, inputs))
+
+    run_export.streams = getattr(export, "streams", False)
+    run_mix.streams, run_mix.per_record, run_mix.combine, run_mix.decide = True, per_record, mix.combine, mix.decide
+    return {**OPERATIONS, "export": run_export, "mix": run_mix}
+
+
+def test_a_later_step_failing_first_fails_the_run_at_its_turn(project, data_runs, tmp_path):
+    store_dir = tmp_path / "store"
+    plan = _without(project, data_runs, store_dir, {EARLIER, LATER})
+    store = Store(store_dir)
+    events = tmp_path / "events"
+    events.touch()
+    with pytest.raises(StepFailed) as failed:
+        execute_ray(plan, store=store, recipe_dir=project, until=[EARLIER, LATER],
+                    operations=_mix_failing_while_export_waits(events))
+    assert str(failed.value) == f"step {LATER} (op `mix`) failed: partition 0: injected failure"
+    assert EARLIER in _manifests(store_dir) and LATER not in _manifests(store_dir)  # the one before it is stored
+    result = execute_ray(plan, store=store, recipe_dir=project, until=[EARLIER, LATER])
+    assert [o.id for o in result.outcomes if not o.cached] == [LATER]
+    _same_step(result.outcomes[-1].manifest, _manifests(data_runs / "local")[LATER])
+
+
+def _export_failing_while_mix_runs(events: Path) -> dict:
+    """mix whose per-record pass writes its process id to `events` and then waits a minute, and export
+    that fails once it sees it."""
+    from recipec.ops.registry import OPERATIONS
+
+    mix = OPERATIONS["mix"]
+
+    def run_export(ctx, inputs):
+        import time
+
+        deadline = time.monotonic() + 60
+        while "started" not in events.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        raise OperationError("injected failure")
+        yield
+
+    def per_record(ctx, inputs):
+        import os
+        import time
+
+        with open(events, "a") as f:
+            f.write(f"started {os.getpid()}\n")
+        time.sleep(60)
+        with open(events, "a") as f:
+            f.write("ended\n")
+        return mix.per_record(ctx, inputs)
+
+    def run_mix(ctx, inputs):
+        yield from mix.decide(ctx, inputs, per_record(ctx, inputs))
+
+    run_export.streams = True
+    run_mix.streams, run_mix.per_record, run_mix.combine, run_mix.decide = True, per_record, mix.combine, mix.decide
+    return {**OPERATIONS, "export": run_export, "mix": run_mix}
+
+
+def _gone(pid: int) -> bool:
+    """Whether the process ends within half a minute."""
+    import os
+    import time
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_failing_step_cancels_the_steps_in_flight(project, data_runs, tmp_path):
+    store_dir = tmp_path / "store"
+    plan = _without(project, data_runs, store_dir, {EARLIER, LATER})
+    events = tmp_path / "events"
+    events.touch()
+    with pytest.raises(StepFailed) as failed:
+        execute_ray(plan, store=Store(store_dir), recipe_dir=project, until=[EARLIER, LATER],
+                    operations=_export_failing_while_mix_runs(events))
+    assert str(failed.value) == f"step {EARLIER} (op `export`) failed: injected failure"
+    assert _gone(int(events.read_text().split()[1]))  # the mix's pass was not left running
+    assert "ended" not in events.read_text() and not list(store_dir.glob("work/*/partitions/*.pkl"))
+    result = execute_ray(plan, store=Store(store_dir), recipe_dir=project, until=[EARLIER, LATER])
+    local = _manifests(data_runs / "local")
+    assert {o.id for o in result.outcomes if not o.cached} == {EARLIER, LATER}
+    for outcome in result.outcomes:
+        _same_step(outcome.manifest, local[outcome.id])

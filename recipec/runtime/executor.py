@@ -331,6 +331,8 @@ def execute(
         runner = (step_runner or _StepRunner)(plan, store, keys, recipe_dir, workers, operations, progress,
                                               _Engines(engines or load_engine, workers, store, recipe_dir))
         runner.verify = verify
+        runner.selected = selected
+        runner.manifests.update((s, m) for s, m in done.items() if m is not None)  # the cached ones, known ahead
         outcomes: list[StepOutcome] = []
         progress.start(len(selected))
         try:
@@ -379,6 +381,7 @@ class _StepRunner:
         self.engines = engines
         self.manifests: dict[str, dict[str, Any]] = {}
         self.verify = False
+        self.selected: list[str] = []  # the run's steps, in plan order
 
     def manifest_of(self, step_id: str) -> dict[str, Any]:
         if step_id not in self.manifests:  # an upstream step outside the selection (--only)

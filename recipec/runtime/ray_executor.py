@@ -48,16 +48,37 @@ How a step runs (`PARTITIONED`, `WHOLE`, `ON_DRIVER`):
 * The other steps that look across records (collect, map_tags, tag_images, tag_instructions,
   generate_questions, merge_turns), ingest and export run their unchanged code as one Ray task on
   a worker, which writes the chunks it yields under the step's work dir for the driver to store.
-  The ingest steps still to compute are launched together when the first is reached (they read
-  only their sources and write only under their own work dirs), sharing the cluster's CPUs; the
-  driver stores each when its turn comes in plan order, and a failing step cancels those not
-  finished (a finished one is kept for the next run).
 
 * train runs on the driver, with the same code as the local executor. Training across nodes is
   `recipec train --emit torchrun|slurm`.
 
-Apart from the ingests, steps run one after the other, as in the local executor. Ray is imported here only; `recipec run`
-imports this module only for `--executor ray`.
+When steps run: each as soon as its inputs are stored, the driver storing them in plan order.
+The driver walks the plan as the local executor does, and stores (commits), reports and caches
+each step at its turn. A step's work, though, starts on the cluster once it can: when every input
+is stored or cached and the step's key, settled on their content (early cutoff), is not done. At
+each turn the driver starts the step whose turn it is, unless it started already, and every later
+step of the run that can start then (the other ingests; a stage's mix and export while another
+stage's run; the filter chains of different sources), then waits for the one whose turn it is and
+stores it from what its work left under its work dir. A whole step's work is its Ray task. A
+partitioned or global step's work is its Ray Data job (then its decision): the driver runs it
+itself when it starts at the step's turn, as it would only wait for it, and in a task of no CPU
+when it starts ahead, so that the driver goes on meanwhile and can cancel it whole.
+
+What runs at once is bounded by the cluster: Ray starts the tasks as their CPUs and GPUs are free;
+at most one step per CPU of the cluster (two at least) is in flight, and a whole data task asks for the CPUs
+shared among the steps in flight. One model step at a time is in flight, as its actor pool
+(`actors` of `gpus_per_actor` each) is sized for the cluster's GPUs; and a train step's turn
+waits for the model steps in flight and starts none, since the driver may train on those GPUs.
+The outputs are the local executor's, whatever ran at the same time: each step's work reads only
+stored inputs and writes only under its own work dir.
+
+A step that fails ahead of its turn fails the run at its turn, once the steps before it are
+stored, with the error a local run gives, and nothing more is started meanwhile. A failing or
+interrupted step cancels the work in flight (its tasks, actors and Ray Data jobs); what a step
+that had finished left under its work dir is kept, and the next run stores it without computing
+it again, as it computes only the partitions a cancelled step had not finished.
+
+Ray is imported here only; `recipec run` imports this module only for `--executor ray`.
 """
 
 from __future__ import annotations
@@ -74,7 +95,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from recipec.diagnostics import RecipecError
 from recipec.plan import MODEL_OPS, Plan, Step
-from recipec.runtime.executor import Operation, RunResult, _StepRunner, add_usage, execute
+from recipec.runtime.executor import Operation, RunResult, StepOutcome, _StepRunner, add_usage, execute
 from recipec.runtime.store import Store, atomic_write
 
 log = logging.getLogger("recipec.run")
@@ -181,10 +202,17 @@ def execute_ray(plan: Plan, *, store: Store, recipe_dir: str | os.PathLike, opti
     options = options or RayOptions()
     connect(options)
 
-    def runner(*args: Any) -> _StepRunner:
-        return RayStepRunner(*args, options=options)
+    runners: list[RayStepRunner] = []
 
-    return execute(plan, store=store, recipe_dir=recipe_dir, step_runner=runner, **kwargs)
+    def runner(*args: Any) -> _StepRunner:
+        runners.append(RayStepRunner(*args, options=options))
+        return runners[-1]
+
+    try:
+        return execute(plan, store=store, recipe_dir=recipe_dir, step_runner=runner, **kwargs)
+    finally:
+        for started in runners:  # however the run ended, nothing it started goes on running
+            started.abandon()
 
 
 # ---- what a worker needs to run a step ----------------------------------------------------------
@@ -230,6 +258,7 @@ class _Outcome:
     message: str = ""
     trace: str = ""
     usage: dict[str, Any] = field(default_factory=dict)
+    where: str = ""  # the partition that failed, for a step run in partitions
 
 
 def _context(task: _Task, engines: Any = None) -> Any:
@@ -489,17 +518,93 @@ def _run_batch(batch: dict[str, Any], task: _Task, parts: Sequence[_Partition], 
     return {"index": list(batch["index"]), "outcome": [pickle.dumps(o) for o in outcomes]}
 
 
+# ---- a step's partitions as one job on the cluster -------------------------------------------------
+
+
+@dataclass
+class _Job:
+    """A step's partitions to run as one Ray Data job (`map_batches` over descriptors of the partitions),
+    then, for a global op, its decision as one task once every partition is in."""
+
+    task: _Task
+    parts: list[_Partition]
+    todo: list[_Partition]
+    function: Any  # the map_batches function of a data op's partitions; None: a model op's actors
+    cpus: float  # per data task, per actor
+    actors: int = 1
+    gpus: float = 0.0  # per actor
+    decision: _Task | None = None
+    decision_cpus: float = 1.0
+
+
+def _coordinate(job: _Job) -> _Outcome:
+    """A step's job: its partitions, then its decision. Run by the driver at the step's turn, or, ahead
+    of it, as a task of no CPU, whose force cancel ends the job's tasks and actors with it."""
+    try:
+        outcome = _run_partitions(job) if job.todo else _Outcome()
+        if outcome.error or job.decision is None:
+            return outcome
+        import ray
+
+        run = ray.remote(_run_whole).options(num_cpus=job.decision_cpus, max_retries=0)
+        return ray.get(run.remote(job.decision))
+    except Exception as e:
+        return _failure(e)
+
+
+def _run_partitions(job: _Job) -> _Outcome:
+    """The partitions of `job.todo`, each kept under the work dir; the first failure, by partition index."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    ds = ray.data.from_items([{"index": p.index} for p in job.todo], override_num_blocks=len(job.todo))
+    common = {"batch_size": 1, "batch_format": "numpy", "fn_kwargs": {"task": job.task, "parts": job.parts},
+              "num_cpus": job.cpus}
+    if job.function is None:
+        ds = ds.map_batches(_ModelPartitions, fn_constructor_kwargs={"task": job.task},
+                            concurrency=max(1, min(job.actors, len(job.todo))), num_gpus=job.gpus or None, **common)
+    else:
+        ds = ds.map_batches(job.function, **common)
+    failures: list[tuple[int, _Outcome]] = []
+    for row in ds.iter_rows():
+        outcome = pickle.loads(row["outcome"])  # counts and usage are read back with the partitions
+        if outcome.error:
+            failures.append((int(row["index"]), outcome))
+    if not failures:
+        return _Outcome()
+    index, outcome = min(failures, key=lambda f: f[0])
+    return replace(outcome, where=f"partition {index}")
+
+
 # ---- the driver ---------------------------------------------------------------------------------
 
 
+@dataclass
+class _Launch:
+    """A step's work, started once its inputs were stored. When the step's turn comes in plan order,
+    the driver stores it from what that work left under the step's work dir."""
+
+    task: _Task
+    inputs: list[Any]
+    ref: Any = None  # the work's ObjectRef, once started on the cluster
+    job: _Job | None = None  # a job not started yet
+    parts: list[_Partition] = field(default_factory=list)  # a partitioned step's, in order
+
+    @property
+    def model(self) -> bool:  # its actors or its task hold the GPUs
+        return self.task.step.op in MODEL_OPS
+
+
 class RayStepRunner(_StepRunner):
-    """The local executor's step runner, with the chunks made on Ray."""
+    """The local executor's step runner, with each step computed on Ray once its inputs are stored."""
 
     def __init__(self, *args: Any, options: RayOptions):
         super().__init__(*args)
         self.options = options
         self.ray = import_ray()
-        self._ahead: dict[str, Any] = {}  # step id -> the Ray task of an ingest launched ahead of its turn
+        self._launched: dict[str, _Launch] = {}  # step id -> its work, started and not stored yet
 
     def open_inputs(self, step: Step, operation: Operation) -> list[Any]:
         if step.op in ON_DRIVER:
@@ -507,21 +612,128 @@ class RayStepRunner(_StepRunner):
         # the driver reads only the manifests; the workers read the shards
         return [self.store.open_records(self.keys[i], self.manifest_of(i)) for i in step.inputs]
 
+    def run(self, step: Step, position: int) -> StepOutcome:
+        try:
+            return super().run(step, position)
+        except BaseException:
+            self.abandon()  # the run stops at this step, as a local one would
+            raise
+
     def chunks(self, step: Step, operation: Operation, ctx: Any, inputs: list[Any]) -> Iterator[Any]:
+        self._launch_ready(step)
         if step.op in ON_DRIVER:
             yield from operation(ctx, inputs)
             return
+        launch = self._launched.pop(step.id)
+        if launch.job is not None:  # the driver would only wait for it: it runs the job itself
+            self._raise(launch.task, _coordinate(launch.job))
+        elif launch.ref is not None:
+            self._raise(launch.task, self.ray.get(launch.ref))
+        yield from self._replay(launch)
+
+    def abandon(self) -> None:
+        """Cancel the work in flight (the run stops); what a finished step left in its work dir is kept
+        for the next run."""
+        refs = [launch.ref for launch in self._launched.values() if launch.ref is not None]
+        self._launched.clear()
+        for ref in refs:
+            try:
+                self.ray.cancel(ref, force=True)
+            except Exception:
+                pass
+        if refs:  # the cancellations land before the driver lets go of the store's lock
+            self.ray.wait(refs, num_returns=len(refs), timeout=30)
+
+    # -- which steps start when -------------------------------------------------------------------
+
+    def _launch_ready(self, current: Step) -> None:
+        """Start the step whose turn it is, if not started yet, and every later step of the run that can
+        start now, as far as the cluster has room. A train step's turn starts no model step, and
+        waits for those in flight: the driver may train on the GPUs their actors hold."""
+        on_driver = current.op in ON_DRIVER
+        wave = [] if on_driver or current.id in self._launched else [current]
+        if on_driver or (wave and current.op in MODEL_OPS):
+            self._wait_for_models()  # one model step at a time: its actor pool is sized for all the GPUs
+        if not self._a_launched_step_failed():  # else the run ends at that step's turn: start nothing more
+            models = not (on_driver or any(s.op in MODEL_OPS for s in wave)
+                          or any(launch.model for launch in self._launched.values()))
+            wave += self._ready(wave, self._limit() - len(self._launched) - len(wave), models)
+        share = max(1, int(self._cluster_cpus()) // max(1, len(self._launched) + len(wave)))
+        for step in wave:
+            try:
+                self._launched[step.id] = launch = self._launch(step, share)
+            except Exception as e:
+                if step is current:
+                    raise
+                # another step's problem, not this one's: that step meets it again at its own turn
+                log.debug("step %s (%s) not launched ahead: %s", step.id, step.op, e)
+                continue
+            if step is not current:
+                self._start_job(launch)
+                log.info("step %s (%s) launched on Ray ahead of its turn (%d step(s) in flight)", step.id, step.op,
+                         len(self._launched))
+
+    def _ready(self, wave: list[Step], room: int, models: bool) -> list[Step]:
+        """The later steps of the run that can start now, in plan order: every input stored or cached, the
+        key settled on the inputs' content (early cutoff) and not done, no other step in flight with that
+        key; at most one model step, and only when `models`."""
+        found: list[Step] = []
+        starting = {s.id for s in wave}
+        keys = {launch.task.key for launch in self._launched.values()} | {self.keys[s] for s in starting}
+        for step_id in self.selected:
+            step = self.plan.steps[step_id]
+            if len(found) >= room:
+                break
+            if (step_id in self.manifests or step_id in self._launched or step_id in starting or step.op in ON_DRIVER
+                    or step.op not in self.operations or not all(i in self.manifests for i in step.inputs)):
+                continue
+            settled = self.settle_key(step)
+            if settled is not None:  # it stays cached: the steps after it may be ready
+                self.manifests[step_id] = settled
+                continue
+            model = step.op in MODEL_OPS
+            if self.keys[step_id] in keys or (model and not models):
+                continue
+            models = models and not model
+            keys.add(self.keys[step_id])
+            found.append(step)
+        return found
+
+    def _wait_for_models(self) -> None:
+        """Until the model steps in flight are done (their outcome is read at their turn)."""
+        refs = [launch.ref for launch in self._launched.values() if launch.model and launch.ref is not None]
+        if refs:
+            self.ray.wait(refs, num_returns=len(refs))
+
+    def _a_launched_step_failed(self) -> bool:
+        """Whether a step in flight has failed already (its error is raised at its turn)."""
+        refs = [launch.ref for launch in self._launched.values() if launch.ref is not None]
+        finished, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
+        for ref in finished:
+            try:
+                if self.ray.get(ref).error:
+                    return True
+            except Exception:
+                return True
+        return False
+
+    def _limit(self) -> int:
+        """Steps in flight at most: one per CPU of the cluster (two at least), each holding a task or a job."""
+        return max(2, int(self._cluster_cpus()))
+
+    # -- starting a step's work -------------------------------------------------------------------
+
+    def _launch(self, step: Step, share: int) -> _Launch:
+        """The step's work, without what a run stopped before storing the step had done: a whole step's
+        task, started (`share`: the CPUs it may hold), or a partitioned or global step's job."""
+        operation = self.operations[step.op]
+        inputs = self.open_inputs(step, operation)
         task = self._task(step, operation, inputs)
-        try:
-            if step.op in PARTITIONED:
-                yield from self._partitioned(task, inputs, ctx)
-            elif step.op not in MODEL_OPS and has_split(operation):
-                yield from self._global(task, inputs, ctx)
-            else:
-                yield from self._whole(task, ctx)
-        except BaseException:
-            self._cancel_ahead()
-            raise
+        if step.op in PARTITIONED:
+            return self._launch_partitioned(task, inputs)
+        if step.op not in MODEL_OPS and has_split(operation):
+            return self._launch_global(task, inputs, share)
+        return self._launch_whole(task, inputs, share)
 
     def _task(self, step: Step, operation: Operation, inputs: list[Any]) -> _Task:
         return _Task(step=step, operation=operation, key=self.keys[step.id], store_root=str(self.store.root),
@@ -529,95 +741,66 @@ class RayStepRunner(_StepRunner):
                      workers=1, inputs=[([str(p) for p in t.paths], list(t.rows)) for t in inputs],
                      input_dirs=[str(self.store.step_dir(self.keys[i])) for i in step.inputs])
 
-    # -- one task ---------------------------------------------------------------------------------
+    def _sized(self, task: _Task, share: int) -> tuple[_Task, dict[str, float]]:
+        """A whole task's workers and resources: a data op parallelises inside (ctx.workers), a model op
+        is bound by its engine."""
+        if task.step.op in MODEL_OPS:
+            return task, {"num_cpus": self.options.cpus_per_task, "num_gpus": self.options.gpus_per_actor}
+        task = replace(task, workers=max(1, min(self.workers, share)))
+        return task, {"num_cpus": float(task.workers), "num_gpus": 0}
 
-    def _whole(self, task: _Task, ctx: Any) -> Iterator[Any]:
-        done = task.work_dir / "whole"
-        if not (done / "outcome.pkl").exists():  # else finished by a run killed before it stored the step
-            ref = self._ahead.pop(task.step.id, None)
-            if ref is None:
-                ahead = self._ingests_ahead(task) if task.step.op == "ingest" else []
-                share = max(1, int(self._cluster_cpus()) // (1 + len(ahead)))
-                ref = self._launch(task, share)
-                for other in ahead:
-                    self._ahead[other.step.id] = self._launch(other, share)
-                if ahead:
-                    log.info("step %s (ingest) on Ray: %d ingest step(s) launched with it, %d CPU(s) each",
-                             task.step.id, len(ahead), share)
-            outcome = self.ray.get(ref)
-            self._raise(task.step, outcome)
-        summary = _read_pickle(done / "outcome.pkl")
-        self.engines.add_remote(summary["usage"])
-        for n in range(summary["chunks"]):
-            yield _read_pickle(done / f"chunk-{n:06d}.pkl")
+    def _launch_whole(self, task: _Task, inputs: list[Any], share: int) -> _Launch:
+        if (task.work_dir / "whole" / "outcome.pkl").exists():  # finished by a run stopped before it stored it
+            return _Launch(task, inputs)
+        task, resources = self._sized(task, share)
+        return _Launch(task, inputs, ref=self.ray.remote(_run_whole).options(max_retries=0, **resources).remote(task))
 
-    def _launch(self, task: _Task, cpus_at_most: int) -> Any:
-        model = task.step.op in MODEL_OPS
-        # a data op parallelises inside (ctx.workers); a model op is bound by its engine
-        task.workers = 1 if model else max(1, min(self.workers, cpus_at_most))
-        cpus = self.options.cpus_per_task if model else float(task.workers)
-        remote = self.ray.remote(_run_whole).options(
-            num_cpus=cpus, num_gpus=self.options.gpus_per_actor if model else 0, max_retries=0)
-        return remote.remote(task)
-
-    def _ingests_ahead(self, current: _Task) -> list[_Task]:
-        """The other ingest steps of this run still to compute: they read only their sources and write
-        only under their own work dirs, so they run at the same time as this one; the driver still
-        stores each in plan order when the loop reaches it (it alone commits)."""
-        found, keys = [], {current.key}
-        for step_id, step in self.plan.steps.items():
-            key = self.keys.get(step_id)
-            if (step.op != "ingest" or step.inputs or step_id == current.step.id or key is None or key in keys
-                    or step.op not in self.operations or step_id in self._ahead):
-                continue
-            if self.store.done(key) is not None or (self.store.work_dir(key) / "whole" / "outcome.pkl").exists():
-                continue
-            keys.add(key)
-            found.append(self._task(step, self.operations[step.op], []))
-        return found
-
-    def _cancel_ahead(self) -> None:
-        """A step failed: the ingests launched ahead are not waited for (a finished one is kept)."""
-        for ref in self._ahead.values():
-            try:
-                self.ray.cancel(ref, force=True)
-            except Exception:
-                pass
-        self._ahead.clear()
-
-    # -- a global step: its per-record pass in partitions, its decision in one task ------------------
-
-    def _global(self, task: _Task, inputs: list[Any], ctx: Any) -> Iterator[Any]:
+    def _launch_global(self, task: _Task, inputs: list[Any], share: int) -> _Launch:
+        """Its per-record pass in partitions, then its decision in one task over their results."""
+        if (task.work_dir / "whole" / "outcome.pkl").exists():  # decided by a run stopped before it stored it
+            log.info("step %s (%s) on Ray: decided already", task.step.id, task.step.op)
+            return _Launch(task, inputs)
         parts = _split(_input_batches("shards", inputs), self.options.partition_rows)
         folder = task.work_dir / "partitions"
-        if (task.work_dir / "whole" / "outcome.pkl").exists():  # decided by a run killed before it stored the step
-            log.info("step %s (%s) on Ray: decided already", task.step.id, task.step.op)
-        else:
-            folder.mkdir(parents=True, exist_ok=True)
-            todo = [p for p in parts if not (folder / p.name).exists()]
-            log.info("step %s (%s) on Ray: %d partition(s) of its per-record pass, %d to run", task.step.id,
-                     task.step.op, len(parts), len(todo))
-            if todo:
-                self._run_partitions(task, parts, todo, _pass_partitions)
-        decision = replace(task, operation=_Decision(task.operation, [str(folder / p.name) for p in parts]))
-        yield from self._whole(decision, ctx)
+        todo = self._todo(task, parts, " of its per-record pass")
+        decision, resources = self._sized(
+            replace(task, operation=_Decision(task.operation, [str(folder / p.name) for p in parts])), share)
+        job = _Job(task, parts, todo, _pass_partitions, self.options.cpus_per_task, decision=decision,
+                   decision_cpus=resources["num_cpus"])
+        return _Launch(task, inputs, job=job)
 
-    # -- partitions -------------------------------------------------------------------------------
-
-    def _partitioned(self, task: _Task, inputs: list[Any], ctx: Any) -> Iterator[Any]:
+    def _launch_partitioned(self, task: _Task, inputs: list[Any]) -> _Launch:
         style = PARTITIONED[task.step.op]
-        batches = _input_batches(style, inputs)
         if style == "emit":
             parts = self._model_partitions(task, inputs)
         else:
-            parts = _split(batches, self.options.partition_rows)
+            parts = _split(_input_batches(style, inputs), self.options.partition_rows)
+        todo = self._todo(task, parts)
+        if not todo:
+            return _Launch(task, inputs, parts=parts)
+        if task.step.op in MODEL_OPS:
+            job = _Job(task, parts, todo, None, self.options.cpus_per_task,
+                       actors=self.options.actors or self._default_actors(), gpus=self.options.gpus_per_actor)
+        else:
+            job = _Job(task, parts, todo, _data_partitions, self.options.cpus_per_task)
+        return _Launch(task, inputs, job=job, parts=parts)
+
+    def _todo(self, task: _Task, parts: list[_Partition], what: str = "") -> list[_Partition]:
+        """The partitions a run stopped mid-step had not finished."""
         folder = task.work_dir / "partitions"
         folder.mkdir(parents=True, exist_ok=True)
         todo = [p for p in parts if not (folder / p.name).exists()]
-        log.info("step %s (%s) on Ray: %d partition(s), %d to run", task.step.id, task.step.op, len(parts), len(todo))
-        if todo:
-            self._run_partitions(task, parts, todo)
-        yield from _merge(style, parts, batches, folder, self.engines)
+        log.info("step %s (%s) on Ray: %d partition(s)%s, %d to run", task.step.id, task.step.op, len(parts), what,
+                 len(todo))
+        return todo
+
+    def _start_job(self, launch: _Launch) -> None:
+        """A job launched ahead of its step's turn runs in a task of no CPU, so that the driver goes on
+        (and can cancel it whole). The step whose turn it is runs its job on the driver, which would
+        only wait for it (and so starts no process for it)."""
+        if launch.job is not None:
+            launch.ref = self.ray.remote(_coordinate).options(num_cpus=0, max_retries=0).remote(launch.job)
+            launch.job = None
 
     def _model_partitions(self, task: _Task, inputs: list[Any]) -> list[_Partition]:
         """Ranges whose requests start at multiples of the alignment: the chunks the local op asks."""
@@ -637,32 +820,6 @@ class RayStepRunner(_StepRunner):
             parts.append(_Partition(len(parts), start, total, asked - count))
         return parts
 
-    def _run_partitions(self, task: _Task, parts: list[_Partition], todo: list[_Partition],
-                        function: Any = None) -> None:
-        import ray.data
-
-        model = task.step.op in MODEL_OPS
-        ds = ray.data.from_items([{"index": p.index} for p in todo], override_num_blocks=len(todo))
-        common = {"batch_size": 1, "batch_format": "numpy", "fn_kwargs": {"task": task, "parts": parts},
-                  "num_cpus": self.options.cpus_per_task}
-        if model:
-            actors = self.options.actors or self._default_actors()
-            ds = ds.map_batches(_ModelPartitions, fn_constructor_kwargs={"task": task},
-                                concurrency=max(1, min(actors, len(todo))), num_gpus=self.options.gpus_per_actor or None,
-                                **common)
-        else:
-            ds = ds.map_batches(function or _data_partitions, **common)
-        failures: list[tuple[int, _Outcome]] = []
-        for row in ds.iter_rows():
-            outcome = pickle.loads(row["outcome"])  # counts and usage are read back with the partitions
-            if outcome.error:
-                failures.append((int(row["index"]), outcome))
-        if failures:
-            index, outcome = min(failures, key=lambda f: f[0])
-            done = len(todo) - len(failures)
-            log.info("step %s: %d of %d partition(s) finished before the failure", task.step.id, done, len(todo))
-            self._raise(task.step, outcome, where=f"partition {index}")
-
     def _default_actors(self) -> int:
         resources = self.ray.cluster_resources()
         if self.options.gpus_per_actor:
@@ -672,12 +829,32 @@ class RayStepRunner(_StepRunner):
     def _cluster_cpus(self) -> float:
         return float(self.ray.cluster_resources().get("CPU", 1))
 
-    def _raise(self, step: Step, outcome: _Outcome, where: str = "") -> None:
+    # -- storing a step from its work dir ---------------------------------------------------------
+
+    def _replay(self, launch: _Launch) -> Iterator[Any]:
+        """The chunks the local op would have yielded, from what the step's work left in its work dir."""
+        task = launch.task
+        if task.step.op in PARTITIONED:
+            style = PARTITIONED[task.step.op]
+            yield from _merge(style, launch.parts, _input_batches(style, launch.inputs), task.work_dir / "partitions",
+                              self.engines)
+            return
+        done = task.work_dir / "whole"
+        summary = _read_pickle(done / "outcome.pkl")
+        self.engines.add_remote(summary["usage"])
+        for n in range(summary["chunks"]):
+            yield _read_pickle(done / f"chunk-{n:06d}.pkl")
+
+    def _raise(self, task: _Task, outcome: _Outcome) -> None:
         from recipec.ops.base import OperationError
 
         if not outcome.error:
             return
-        prefix = f"{where}: " if where else ""
+        step = task.step
+        if outcome.where:
+            kept = len(list((task.work_dir / "partitions").glob("part-*.pkl")))
+            log.info("step %s: %d partition(s) finished before the failure, kept for the next run", step.id, kept)
+        prefix = f"{outcome.where}: " if outcome.where else ""
         if outcome.error == "operation":
             raise OperationError(prefix + outcome.message)
         log.error("step %s (%s) failed on a Ray worker:\n%s", step.id, step.op, outcome.trace)
