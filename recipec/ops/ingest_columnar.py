@@ -57,7 +57,7 @@ def read(lines: list[bytes], numbers: list[int], shown: str, source: ir.Source, 
     ROW_SCHEMA, `id` being their content id; and which lines they are (the others are left)."""
     accepted = np.zeros(len(lines), dtype=bool)
     joined = b"".join(lines)
-    usable = np.ones(len(lines), dtype=bool)
+    usable = _closed(joined, len(lines))
     tables: list[pa.Table] = []
     splits = 0
     start = 0
@@ -95,6 +95,22 @@ def read(lines: list[bytes], numbers: list[int], shown: str, source: ir.Source, 
         start = end
     rows = pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
     return rows, accepted
+
+
+def _closed(joined: bytes, n: int) -> np.ndarray:
+    """Whether each of the `n` lines in `joined` ends with `}` (before its newline): a line cut short,
+    the usual broken line, goes to the per-line path without costing pyarrow a failed parse and a
+    second one (a line with spaces after its `}` goes there too, and is read right all the same)."""
+    raw = np.frombuffer(joined, dtype=np.uint8)
+    ends = np.flatnonzero(raw == 10)
+    if len(ends) == n - 1:  # the last line has no newline
+        ends = np.append(ends, len(raw))
+    if len(ends) != n:  # not one line each: let pyarrow say
+        return np.ones(n, dtype=bool)
+    last = raw[np.maximum(ends - 1, 0)]
+    cr = last == 13  # a Windows line end: the byte before the \r
+    last[cr] = raw[np.maximum(ends[cr] - 2, 0)]
+    return (last == ord("}")) & (ends > 0)
 
 
 def _non_finite_rows(table: pa.Table) -> np.ndarray:
