@@ -483,7 +483,7 @@ def test_columnar_reading_gives_what_reading_line_by_line_gives(monkeypatch: pyt
                            b'{"a": NaN}', b'{"id": "d", "id": "e"}', b'{"a": 1} {"b": 2}', b'{"v": "\\ud800"}',
                            b'\xef\xbb\xbf{"conversations": []}', b'{"v": "\xff"}', b'{"v": "tab\x01"}',
                            b'{"a": Inf}', b'{%s, "loss": -Infinity}' % QA, b'{%s, "meta": {"v": [1.5, NaN]}}' % QA,
-                           b'{%s, "loss": 1.5}' % QA, b'\xef\xbb\xbf{%s, "loss": 2.5}' % QA, b'{%s, "loss": 1e999}' % QA,
+                           b'{%s, "loss": 1.5}' % QA, b'\xef\xbb\xbf{%s, "loss": 2.5}' % QA, b'{%s, "loss": 1e999}' % QA, b'{%s}\r' % QA, b'{%s}  ' % QA,
                            b'{"conversations": [{"from": "human", "value": "\\u003cimage>Q"}, {"from": "gpt", "value": "A"}]}'])
     line = st.one_of(record.map(lambda r: json.dumps(r, ensure_ascii=False).encode("utf-8")), odd)
 
