@@ -65,10 +65,11 @@ itself when it starts at the step's turn, as it would only wait for it, and in a
 when it starts ahead, so that the driver goes on meanwhile and can cancel it whole.
 
 What runs at once is bounded by the cluster: Ray starts the tasks as their CPUs and GPUs are free;
-at most one step per CPU of the cluster (two at least) is in flight, and a whole data task asks for the CPUs
-shared among the steps in flight. One model step at a time is in flight, as its actor pool
-(`actors` of `gpus_per_actor` each) is sized for the cluster's GPUs; and a train step's turn
-waits for the model steps in flight and starts none, since the driver may train on those GPUs.
+at most one step per CPU of the cluster (two at least) is running (a step whose work is done
+holds nothing until its turn), and a whole data task asks for the CPUs shared among the steps
+running. One model step at a time is in flight, as its actor pool (`actors` of `gpus_per_actor`
+each) is sized for the cluster's GPUs; and a train step's turn waits for the model steps in
+flight and starts none, since the driver may train on those GPUs.
 The outputs are the local executor's, whatever ran at the same time: each step's work reads only
 stored inputs and writes only under its own work dir.
 
@@ -654,11 +655,11 @@ class RayStepRunner(_StepRunner):
         wave = [] if on_driver or current.id in self._launched else [current]
         if on_driver or (wave and current.op in MODEL_OPS):
             self._wait_for_models()  # one model step at a time: its actor pool is sized for all the GPUs
+        running = self._running()  # a step whose work is done holds nothing of the cluster until its turn
         if not self._a_launched_step_failed():  # else the run ends at that step's turn: start nothing more
-            models = not (on_driver or any(s.op in MODEL_OPS for s in wave)
-                          or any(launch.model for launch in self._launched.values()))
-            wave += self._ready(wave, self._limit() - len(self._launched) - len(wave), models)
-        share = max(1, int(self._cluster_cpus()) // max(1, len(self._launched) + len(wave)))
+            models = not (on_driver or any(s.op in MODEL_OPS for s in wave) or any(l.model for l in running))
+            wave += self._ready(wave, self._limit() - len(running) - len(wave), models)
+        share = max(1, int(self._cluster_cpus()) // max(1, len(running) + len(wave)))
         for step in wave:
             try:
                 self._launched[step.id] = launch = self._launch(step, share)
@@ -670,8 +671,7 @@ class RayStepRunner(_StepRunner):
                 continue
             if step is not current:
                 self._start_job(launch)
-                log.info("step %s (%s) launched on Ray ahead of its turn (%d step(s) in flight)", step.id, step.op,
-                         len(self._launched))
+                log.info("step %s (%s) launched on Ray ahead of its turn", step.id, step.op)
 
     def _ready(self, wave: list[Step], room: int, models: bool) -> list[Step]:
         """The later steps of the run that can start now, in plan order: every input stored or cached, the
@@ -705,8 +705,14 @@ class RayStepRunner(_StepRunner):
         if refs:
             self.ray.wait(refs, num_returns=len(refs))
 
+    def _running(self) -> list[_Launch]:
+        """The launched steps whose work is still running on the cluster."""
+        refs = [launch.ref for launch in self._launched.values() if launch.ref is not None]
+        _, running = self.ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
+        return [launch for launch in self._launched.values() if launch.ref in set(running)]
+
     def _a_launched_step_failed(self) -> bool:
-        """Whether a step in flight has failed already (its error is raised at its turn)."""
+        """Whether a launched step's work has failed already (its error is raised at its turn)."""
         refs = [launch.ref for launch in self._launched.values() if launch.ref is not None]
         finished, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
         for ref in finished:
@@ -718,7 +724,8 @@ class RayStepRunner(_StepRunner):
         return False
 
     def _limit(self) -> int:
-        """Steps in flight at most: one per CPU of the cluster (two at least), each holding a task or a job."""
+        """Steps running at once at most: one per CPU of the cluster (two at least), each holding a task
+        or a job."""
         return max(2, int(self._cluster_cpus()))
 
     # -- starting a step's work -------------------------------------------------------------------
