@@ -88,6 +88,29 @@ def test_exact_by_image_or_by_text(tmp_path: Path) -> None:
     assert [r.origin for r in rejects] == ["b:3"]
 
 
+def test_exact_keys_tell_apart_contents_that_only_separators_would_merge(tmp_path: Path) -> None:
+    """Turns and images whose texts hold the bytes a naive key would put between fields: the same
+    bytes cut in other places are other contents, and the very same content is still one."""
+    def with_turns(i: int, turns: list[tuple[str, str]], images: list[dict[str, Any]]) -> dict[str, Any]:
+        row = rec("a", i, images)
+        row["conversations"] = [{"from": who, "value": said} for who, said in turns]
+        return row
+
+    cat, dog = fake_image("cat"), fake_image("dog")
+    rows = [with_turns(0, [("human", "a\x00b"), ("gpt", "c")], []),
+            with_turns(1, [("human", "a\x00b\x01gpt\x00c")], []),
+            with_turns(2, [("human", "a"), ("gpt", "b\x00c")], []),
+            with_turns(3, [("human", "ab"), ("gpt", "c")], []),
+            with_turns(4, [("human", "q"), ("gpt", "r")], [cat, dog]),
+            with_turns(5, [("human", "q"), ("gpt", "r")], [dog, cat]),  # the same images, in another order
+            with_turns(6, [("human", "a\x00b"), ("gpt", "c")], []),  # the same as the first
+            with_turns(7, [("human", "q"), ("gpt", "r")], [cat, dog])]  # the same as the fifth
+    _, rejects = run(dedup.run_exact, {"by": ["image", "text"], "on": None}, rows, tmp_path)
+    assert [(r.origin, r.detail) for r in rejects] == [
+        ("a:6", f"same image and text as {rows[0]['id']} (earlier in input order)"),
+        ("a:7", f"same image and text as {rows[4]['id']} (earlier in input order)")]
+
+
 # ---- pHash --------------------------------------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ sources whose copies are preferred, in that order, to those of the sources it do
 
 dedup_exact (params `by` ⊆ {image, text}, `prefer_sources`, `on`)
     Records with the same key are duplicates: `image` = the images' sha256s in order, `text` = the
-    conversation (roles and text). Their content is the same, so only the source can tell them
+    conversation (roles and text); the key is a sha256 of them, built column by column. Their content is the same, so only the source can tell them
     apart: the copy kept is the one from the most preferred source, then the first in input
     order; the others are rejected `exact_duplicate` with detail `same <by> as <kept id> (<why>)`.
     With `by = [image]` a text-only record has no key and passes; with `by = [text]` images are
@@ -68,6 +68,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
+from recipec import records
 from recipec.ops import hamming
 from recipec.ops import images as imaging
 from recipec.ops import phash as phashing
@@ -137,13 +138,12 @@ def exact_keys(ctx: StepContext, inputs: list[Any]) -> ExactKeys:
         judged[start:start + m] = mask
         sources = batch.column("source").to_pylist()
         source_codes[start:start + m] = [source_names.setdefault(x, len(source_names)) for x in sources]
-        images = batch.column("images").to_pylist() if "image" in by else None
-        turns = batch.column("conversations").to_pylist() if "text" in by else None
-        for i in np.flatnonzero(mask).tolist():
-            key = _exact_key(images[i] if images is not None else None, turns[i] if turns is not None else None)
-            if key is not None:
-                keys[start + i] = np.frombuffer(key[:16], dtype=np.uint64)
-                has_key[start + i] = True
+        payloads, comparable = _exact_payloads(batch, by)
+        wanted = np.flatnonzero(mask & comparable)
+        if len(wanted):
+            digests = b"".join(hashlib.sha256(p).digest()[:16] for p in payloads.take(pa.array(wanted)).to_pylist())
+            keys[start + wanted] = np.frombuffer(digests, dtype=np.uint64).reshape(-1, 2)
+            has_key[start + wanted] = True
         start += m
     rows = np.flatnonzero(has_key)
     return ExactKeys(judged, rows, keys[rows], source_codes[rows], list(source_names))
@@ -215,19 +215,36 @@ run_exact.combine = combine_exact  # type: ignore[attr-defined]
 run_exact.decide = decide_exact  # type: ignore[attr-defined]
 
 
-def _exact_key(images: list[dict[str, Any]] | None, turns: list[dict[str, str]] | None) -> bytes | None:
-    h = hashlib.sha256()
-    if images is not None:
-        if not images and turns is None:
-            return None  # nothing to compare
-        h.update(b"I")
-        for image in images:
-            h.update(image["sha256"].encode("ascii") + b"\x00")
-    if turns is not None:
-        h.update(b"T")
-        for turn in turns:
-            h.update(turn["from"].encode("utf-8") + b"\x00" + turn["value"].encode("utf-8") + b"\x01")
-    return h.digest()
+def _exact_payloads(batch: pa.Table, by: tuple[str, ...]) -> tuple[pa.Array, np.ndarray]:
+    """What each record's key hashes (`I` and its images' sha256s, `T` and its turns' roles and
+    texts, each string as `<bytes>:<string>` so that no two contents read alike), built column-wise;
+    and whether the record has anything to compare (with `by = [image]`, a record without images
+    has not)."""
+    n = batch.num_rows
+    parts: list[pa.Array | str] = []
+    comparable = np.ones(n, dtype=bool)
+    if "image" in by:
+        images = batch.column("images").combine_chunks()
+        sha256s = images.flatten().flatten()[records.IMAGE.get_field_index("sha256")]
+        parts += ["I", _joined(images, _netstrings(sha256s))]
+        if "text" not in by:
+            comparable = np.asarray(pc.list_value_length(images).fill_null(0), dtype=np.int64) > 0
+    if "text" in by:
+        conversations = batch.column("conversations").combine_chunks()
+        who, said = conversations.flatten().flatten()
+        parts += ["T", _joined(conversations, pc.binary_join_element_wise(_netstrings(who), _netstrings(said), ""))]
+    return pc.binary_join_element_wise(*parts, "").cast(pa.binary()), comparable
+
+
+def _netstrings(strings: pa.Array) -> pa.Array:
+    """Each string as `<its length in bytes>:<it>`: put together in any number, they read back one way."""
+    return pc.binary_join_element_wise(pc.binary_length(strings).cast(pa.string()), strings, ":")
+
+
+def _joined(lists: pa.ListArray, pieces: pa.Array) -> pa.Array:
+    """Per list of `lists`, its elements' `pieces` (one per element, in order) put together."""
+    offsets = np.asarray(lists.offsets, dtype=np.int32)
+    return pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets - offsets[0]), pieces), "").fill_null("")
 
 
 # ---- pHash --------------------------------------------------------------------------------------
