@@ -164,7 +164,10 @@ def connect(options: RayOptions) -> Any:
         if options.address:
             ray.init(address=options.address, logging_level=logging.WARNING, log_to_driver=False)
         else:
-            ray.init(num_cpus=options.num_cpus or available_cores(), **quiet)
+            cpus = options.num_cpus or available_cores()
+            # Ray keeps as many idle workers as CPUs; steps launched together start more than that on
+            # a small machine, and each restart imports ray.data again (about 1.5 s): keep a few more
+            ray.init(num_cpus=cpus, _system_config={"num_workers_soft_limit": max(8, 2 * cpus)}, **quiet)
             logging.getLogger("ray").setLevel(logging.ERROR)
     except ConnectionError as e:
         raise RayUnavailable(f"cannot reach the Ray cluster at {options.address!r}: {e}") from None
