@@ -548,9 +548,9 @@ class _Assembler:
         judged = order[has_own[order]]
         reused: list[int] = []
         if len(judged):
-            origins = table.column("origin")
-            firsts = [origins[k].as_py() if k < n else live[k - n][0].origin for k in judged.tolist()] \
-                if live else origins.take(pa.array(judged)).to_pylist()
+            # the rows among them come in ascending order: their origins in one take
+            row_origins = iter(table.column("origin").take(pa.array(judged[judged < n])).to_pylist())
+            firsts = [next(row_origins) if k < n else live[k - n][0].origin for k in judged.tolist()]
             found = self.own_ids.seen_all(own_keys[judged].tolist(), firsts, array=own_keys[judged])
             for k, (times, first) in zip(judged.tolist(), found):
                 if times:
