@@ -7,9 +7,10 @@ sources whose copies are preferred, in that order, to those of the sources it do
 
 dedup_exact (params `by` ⊆ {image, text}, `prefer_sources`, `on`)
     Records with the same key are duplicates: `image` = the images' sha256s in order, `text` = the
-    conversation (roles and text); the key is a sha256 of them, built column by column. Their content is the same, so only the source can tell them
-    apart: the copy kept is the one from the most preferred source, then the first in input
-    order; the others are rejected `exact_duplicate` with detail `same <by> as <kept id> (<why>)`.
+    conversation (roles and text); the key is a sha256 of them, built column by column. Their
+    content is the same, so only the source can tell them apart: the copy kept is the one from the
+    most preferred source, then the first in input order; the others are rejected
+    `exact_duplicate` with detail `same <by> as <kept id> (<why>)`.
     With `by = [image]` a text-only record has no key and passes; with `by = [text]` images are
     ignored.
 

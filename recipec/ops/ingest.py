@@ -68,7 +68,6 @@ import collections
 import contextlib
 import gc
 import glob
-import hashlib
 import itertools
 import json
 import math
@@ -197,13 +196,16 @@ class _Prepared:
     candidates: list[_Candidate]  # the items with images, which are inspected before they become rows
     rejects: list[Reject]
     lines: "_Lines | None" = None  # the block of lines the rows came from (set in the step's process)
+    _split: list[bytes] | None = None  # those lines, split when a first text is asked for
 
     def text(self, row: int) -> str:
         """The text of a row's item: of its line, for a block of lines (found again only when needed)."""
         if self.texts is not None:
             return self.texts[row]
+        if self._split is None:
+            self._split = self.lines.split()
         number = self.rows.column(LINE)[row].as_py()
-        return _line_text(self.lines.split()[number - self.lines.first])
+        return _line_text(self._split[number - self.lines.first])
 
 
 @dataclass

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 from hashlib import blake2b, sha256
-from typing import Any
 
 import numpy as np
 from orjson import dumps

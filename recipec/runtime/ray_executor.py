@@ -92,11 +92,11 @@ import shutil
 import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 from recipec.diagnostics import RecipecError
 from recipec.plan import MODEL_OPS, Plan, Step
-from recipec.runtime.executor import Operation, RunResult, StepOutcome, _StepRunner, add_usage, execute
+from recipec.runtime.executor import Operation, RunResult, StepOutcome, _StepRunner, execute
 from recipec.runtime.store import Store, atomic_write
 
 log = logging.getLogger("recipec.run")
@@ -394,7 +394,6 @@ def _run_whole(task: _Task) -> _Outcome:
 
 def _partition_input(task: _Task, part: _Partition) -> Any:
     """The records at input positions [start, stop), read from the shards that hold them."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from recipec.ops.collect import concat
