@@ -414,17 +414,42 @@ def test_the_one_pass_check_accepts_only_what_the_full_checks_accept() -> None:
 
 
 def test_seen_in_bulk_counts_as_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ingest._Seen, "RECENT", 64)  # merges into the sorted array happen often
+    """`_Seen` against its definition, a dict per key: times seen before, and the reference of the
+    first sighting while fewer than RECENT new keys came after it (then they are forgotten)."""
+    monkeypatch.setattr(ingest._Seen, "RECENT", 64)  # merges into the sorted arrays happen often
+    monkeypatch.setattr(ingest._Seen, "RUNS", 3)
     rng = np.random.default_rng(5)
     keys = [int(k).to_bytes(2, "big") * 8 for k in rng.integers(0, 300, size=3000)]
-    values = [f"v{i}" for i in range(len(keys))]
-    one, bulk = ingest._Seen(), ingest._Seen()
-    expected = [one.seen(k, v) for k, v in zip(keys, values)]
-    got = []
-    for start in range(0, len(keys), 37):
-        got.extend(bulk.seen_all(keys[start:start + 37], values[start:start + 37]))
-    assert got == expected
-    assert sum(t == 0 for t, _ in got) == len(set(keys))
+    # keys that share their first 8 bytes with others, and digest-like ones the filter rules out
+    keys += [int(a).to_bytes(8, "big") + int(b).to_bytes(8, "big") for a, b in rng.integers(0, 12, size=(2000, 2))]
+    keys += [rng.bytes(16) for _ in range(2000)]
+    keys = [keys[i] for i in rng.permutation(len(keys))]
+
+    counts: dict[bytes, int] = {}
+    recent: dict[bytes, int] = {}
+    expected = []
+    for ref, key in enumerate(keys):
+        times = counts.get(key, 0)
+        counts[key] = times + 1
+        expected.append((times, recent.get(key, -1) if times else -1))
+        if not times:
+            recent[key] = ref
+            if len(recent) >= 64:
+                recent = {}
+
+    for sizes in ([1], [37], [1, 200, 5, 63, 64, 65]):
+        seen = ingest._Seen()
+        got: list[tuple[int, int]] = []
+        start, turn = 0, 0
+        while start < len(keys):
+            end = start + sizes[turn % len(sizes)]
+            turn += 1
+            times, firsts = seen.seen_all(np.array(keys[start:end], dtype="V16"), np.arange(start, min(end, len(keys))))
+            got.extend(zip(times.tolist(), firsts.tolist()))
+            start = end
+        assert got == expected, sizes
+    assert sum(t == 0 for t, _ in expected) == len(set(keys))
+    assert any(f >= 0 for t, f in expected if t) and any(f < 0 for t, f in expected if t)
 
 
 def test_a_json_array_read_in_small_windows_reads_as_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -513,3 +538,22 @@ def test_columnar_reading_gives_what_reading_line_by_line_gives(monkeypatch: pyt
     rows, accepted = ingest_columnar.read(many, list(range(1, 301)), "f.jsonl", src, "ingest.src",
                                                  ingest._KNOWN_FIELDS)
     assert accepted.all() and rows.num_rows == 300  # the plain records are all read columnar
+
+
+def test_own_id_keys_built_whole_match_one_by_one() -> None:
+    """The columnar keys of data set ids are `own_key`'s, for short ids (their own bytes), long ones
+    (hashed) and nulls, in a sliced array too; distinct ids get distinct keys across the boundary."""
+    from hypothesis import given, settings, strategies as st
+
+    from recipec.ops import ingest_columnar
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.one_of(st.none(), st.text(max_size=20), st.text(alphabet="ab\x00é", max_size=17))),
+           st.integers(0, 3))
+    def check(ids: list[str | None], skip: int) -> None:
+        want = b"".join(bytes(16) if i is None else ingest_columnar.own_key(i) for i in ids[skip:])
+        assert ingest_columnar.own_keys(pa.array(ids, pa.string())[skip:]) == want
+
+    check()
+    ids = ["a" * k for k in range(40)] + ["a\x00", "a\x00\x00", "", "\x00"] + ["é" * k for k in range(12)]
+    assert len({ingest_columnar.own_key(i) for i in ids}) == len(set(ids))

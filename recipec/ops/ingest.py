@@ -198,6 +198,17 @@ class _Prepared:
     lines: "_Lines | None" = None  # the block of lines the rows came from (set in the step's process)
     _split: list[bytes] | None = None  # those lines, split when a first text is asked for
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the rows cross to the step's process as one Arrow IPC stream: written in a few copies and
+        # read back with none, where pickling a table costs several times more both ways
+        state = dict(self.__dict__)
+        state["rows"] = _ipc_bytes(self.rows)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state["rows"] = pa.ipc.open_stream(pa.py_buffer(state["rows"])).read_all()
+        self.__dict__.update(state)
+
     def text(self, row: int) -> str:
         """The text of a row's item: of its line, for a block of lines (found again only when needed)."""
         if self.texts is not None:
@@ -206,6 +217,17 @@ class _Prepared:
             self._split = self.lines.split()
         number = self.rows.column(LINE)[row].as_py()
         return _line_text(self._split[number - self.lines.first])
+
+
+def _ipc_bytes(table: pa.Table) -> bytes:
+    """`table` as an Arrow IPC stream, written into a buffer of its exact size."""
+    size = pa.MockOutputStream()
+    with pa.ipc.new_stream(size, table.schema) as writer:
+        writer.write_table(table)
+    buffer = pa.allocate_buffer(size.size())
+    with pa.ipc.new_stream(pa.FixedSizeBufferWriter(buffer), table.schema) as writer:
+        writer.write_table(table)
+    return buffer.to_pybytes()
 
 
 @dataclass
@@ -418,71 +440,158 @@ def _with_block(prepared: _Prepared, block: _Lines | list[_Raw | _Candidate]) ->
 
 
 class _Seen:
-    """How many times each 16-byte key was seen, in bounded memory: a sorted numpy array of the keys
-    (16 bytes each) plus a dict of recent ones (merged in when it grows), and a count for the keys
-    seen more than once. `recent` values ride along (the origin of an id) until merged. The array
-    is of raw bytes (V16): numpy's S16 drops trailing zero bytes, which a digest has one time in 256."""
+    """How many times each 16-byte key was seen before, in bounded memory, with the reference (an
+    integer the caller chose) of its first sighting while that is recent.
+
+    Keys are rows of two uint64. The merged keys are two arrays sorted by their first half (16 bytes
+    a key, no references); the recent ones (fewer than RECENT) are sorted runs with their references,
+    merged in once they reach RECENT; keys seen more than once keep a count; and a bit filter over
+    all keys, 8 to 16 bits a key, answers "never seen" for nearly every new key without a search
+    (random probes into sorted arrays cost microseconds a key once they outgrow the caches). Whatever
+    the calls' sizes, the result is that of taking the keys one at a time, merges included."""
 
     RECENT = 1 << 18
+    BITS_PER_KEY = 8
+    RUNS = 8  # recent runs searched apart before they are sorted into one
 
     def __init__(self) -> None:
-        self.old = np.zeros(0, dtype="V16")
-        self.recent: dict[bytes, Any] = {}
-        self.again: dict[bytes, int] = {}
+        self.old_hi = np.zeros(0, dtype=np.uint64)  # first halves of the merged keys, sorted
+        self.old_lo = np.zeros(0, dtype=np.uint64)  # their second halves, in the same order
+        self.runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # recent (hi, lo, ref), by hi
+        self.recent = 0
+        self.horizon = 0  # references below it are never returned again (their keys were merged)
+        self.again: dict[bytes, int] = {}  # keys seen more than once -> times seen
+        self._filter_for(0)
 
-    def seen(self, key: bytes, value: Any = None) -> tuple[int, Any]:
-        """(times seen before, the value stored with its first sighting if still known); records it."""
-        if key in self.again:
-            times = self.again[key]
-            self.again[key] = times + 1
-            return times, self.recent.get(key)
-        if key in self.recent:
-            self.again[key] = 2
-            return 1, self.recent[key]
-        if len(self.old):
-            at = int(np.searchsorted(self.old, np.void(key)))  # a bytes key would convert the whole array
-            if at < len(self.old) and self.old[at].tobytes() == key:
-                self.again[key] = 2
-                return 1, None
-        self.recent[key] = value
-        if len(self.recent) >= self.RECENT:
-            fresh = np.sort(np.array(list(self.recent), dtype="V16"))
-            self.old = np.insert(self.old, np.searchsorted(self.old, fresh), fresh)
-            self.recent = {}
-        return 0, None
+    def seen_all(self, keys: np.ndarray, refs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """For each key of `keys` (V16) in order: the times it was seen before, and the reference
+        (`refs`, increasing from call to call) of its first sighting if still recent, else -1."""
+        halves = _halves(keys)
+        refs = np.zeros(len(halves), dtype=np.int64) if refs is None else np.asarray(refs, dtype=np.int64)
+        times = np.zeros(len(halves), dtype=np.int64)
+        firsts = np.full(len(halves), -1, dtype=np.int64)
+        start = 0
+        while start < len(halves):  # in runs too short to fill `recent` but by their last key
+            end = min(len(halves), start + max(1, self.RECENT - 1 - self.recent))
+            times[start:end], firsts[start:end] = self._run(halves[start:end], refs[start:end])
+            if self.recent >= self.RECENT:
+                self._merge()
+                self.horizon = int(refs[end - 1]) + 1
+            start = end
+        return times, firsts
 
-    def seen_all(self, keys: list[bytes], values: list[Any] | None = None,
-                 array: np.ndarray | None = None) -> list[tuple[int, Any]]:
-        """`seen` for each key in order (`array`: the same keys as V16, when the caller has them).
-        Keys new to this `_Seen` and unique in `keys` (nearly all of them) are recorded in bulk; only
-        the others go through `seen` one by one."""
-        values = values if values is not None else [None] * len(keys)
-        if len(self.recent) + len(keys) >= self.RECENT:  # a merge falls inside: exactly as one by one
-            return [self.seen(k, v) for k, v in zip(keys, values)]
-        unique = set(keys)
-        special = self.recent.keys() & unique  # a key in `again` is also in `recent` or `old`
-        special.update(self._in_old(keys, array))
-        if len(unique) != len(keys):
-            special.update(k for k, n in collections.Counter(keys).items() if n > 1)
-        if not special:
-            self.recent.update(zip(keys, values))
-            return [(0, None)] * len(keys)
-        # the special keys one by one, in order; then the others in bulk (distinct from them, and
-        # no merge can fall inside, so neither changes what the other finds)
-        out = [(0, None)] * len(keys)
-        plain = dict(zip(keys, values))
-        for i in [i for i, k in enumerate(keys) if k in special]:
-            out[i] = self.seen(keys[i], values[i])
-            plain.pop(keys[i], None)
-        self.recent.update(plain)
-        return out
+    def _run(self, halves: np.ndarray, refs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = len(halves)
+        # equal keys in groups, each in input order; `heads` the first of each group
+        firsts_sorted = np.sort(halves[:, 0])
+        if not (firsts_sorted[1:] == firsts_sorted[:-1]).any():  # all distinct: a group each
+            group = heads = np.arange(n)
+            rank = np.zeros(n, dtype=np.int64)
+            size = np.ones(n, dtype=np.int64)
+        else:
+            order = np.lexsort((np.arange(n), halves[:, 1], halves[:, 0]))
+            ordered = halves[order]
+            starts = np.ones(n, dtype=bool)
+            starts[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+            sorted_group = np.cumsum(starts) - 1
+            group = np.empty(n, dtype=np.int64)
+            group[order] = sorted_group
+            rank = np.empty(n, dtype=np.int64)  # earlier keys of its group in this run
+            rank[order] = np.arange(n) - np.flatnonzero(starts)[sorted_group]
+            heads = order[starts]
+            size = np.bincount(sorted_group)
 
-    def _in_old(self, keys: list[bytes], array: np.ndarray | None = None) -> list[bytes]:
-        if not len(self.old) or not keys:
-            return []
-        wanted = array if array is not None else np.array(keys, dtype="V16")
-        at = np.minimum(np.searchsorted(self.old, wanted), len(self.old) - 1)
-        return [keys[i] for i in np.flatnonzero(self.old[at] == wanted).tolist()]
+        # what was known of each group's key before: times seen, first reference if recent
+        before = np.zeros(len(heads), dtype=np.int64)
+        first = np.full(len(heads), -1, dtype=np.int64)
+        byte, bit = self._slots(halves[heads])
+        maybe = np.flatnonzero(self.filter[byte] & bit)
+        if len(maybe):
+            asked = halves[heads[maybe]]
+            in_recent, ref = self._in_recent(asked)
+            known = in_recent | self._in_old(asked)
+            first[maybe] = np.where(in_recent, ref, -1)
+            for g in maybe[known].tolist():
+                before[g] = self.again.get(halves[heads[g]].tobytes(), 1)
+        new = before == 0
+        times = before[group] + rank
+        firsts = np.where((rank > 0) & new[group], refs[heads][group], first[group])
+
+        for g in np.flatnonzero(before + size > 1).tolist():
+            self.again[halves[heads[g]].tobytes()] = int(before[g] + size[g])
+        fresh = heads[new]
+        if len(fresh):
+            np.bitwise_or.at(self.filter, byte[new], bit[new])
+            fresh = fresh[np.argsort(halves[fresh, 0], kind="stable")]
+            self.runs.append((halves[fresh, 0], halves[fresh, 1], refs[fresh]))
+            self.recent += len(fresh)
+            if len(self.runs) > self.RUNS:
+                self.runs = [self._joined_runs()]
+        return times, firsts
+
+    def _joined_runs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        hi, lo, ref = (np.concatenate(parts) for parts in zip(*self.runs))
+        by_hi = np.argsort(hi, kind="stable")
+        return hi[by_hi], lo[by_hi], ref[by_hi]
+
+    def _merge(self) -> None:
+        hi, lo, _ = self._joined_runs()
+        at = np.searchsorted(self.old_hi, hi)
+        self.old_hi = np.insert(self.old_hi, at, hi)
+        self.old_lo = np.insert(self.old_lo, at, lo)
+        self.runs, self.recent = [], 0
+        if len(self.filter) * 8 < self.BITS_PER_KEY * (len(self.old_hi) + self.RECENT):
+            self._filter_for(len(self.old_hi) + self.RECENT)
+            self._mark(np.stack([self.old_hi, self.old_lo], axis=1))
+
+    def _filter_for(self, keys: int) -> None:
+        self.bits = max(16, math.ceil(math.log2(self.BITS_PER_KEY * max(keys, self.RECENT))))
+        self.filter = np.zeros(1 << (self.bits - 3), dtype=np.uint8)
+
+    def _slots(self, halves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # multiply-xor mixing, so that keys other than digests spread over the filter too
+        mixed = (halves[:, 0] ^ (halves[:, 1] * np.uint64(0x9E3779B97F4A7C15))) * np.uint64(0xBF58476D1CE4E5B9)
+        slot = mixed >> np.uint64(64 - self.bits)
+        return (slot >> np.uint64(3)).astype(np.intp), np.left_shift(1, slot & np.uint64(7)).astype(np.uint8)
+
+    def _mark(self, halves: np.ndarray) -> None:
+        byte, bit = self._slots(halves)
+        np.bitwise_or.at(self.filter, byte, bit)
+
+    def _in_recent(self, halves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Whether each key is a recent one, and its reference if so."""
+        found = np.zeros(len(halves), dtype=bool)
+        ref = np.full(len(halves), -1, dtype=np.int64)
+        for hi, lo, refs in self.runs:
+            at = _find(hi, lo, halves)
+            hit = at >= 0
+            found |= hit
+            ref[hit] = refs[at[hit]]
+        return found, ref
+
+    def _in_old(self, halves: np.ndarray) -> np.ndarray:
+        """Whether each key is among the merged ones."""
+        return _find(self.old_hi, self.old_lo, halves) >= 0
+
+
+def _find(hi: np.ndarray, lo: np.ndarray, halves: np.ndarray) -> np.ndarray:
+    """Where each key of `halves` is in (hi, lo), sorted by hi; -1 where it is not."""
+    if not len(hi) or not len(halves):
+        return np.full(len(halves), -1, dtype=np.int64)
+    left = np.minimum(np.searchsorted(hi, halves[:, 0]), len(hi) - 1)
+    same = hi[left] == halves[:, 0]
+    at = np.where(same & (lo[left] == halves[:, 1]), left, -1)
+    shared = np.flatnonzero(same & (hi[np.minimum(left + 1, len(hi) - 1)] == halves[:, 0]) & (left + 1 < len(hi)))
+    for i in shared.tolist():  # keys that share a first half with the next: rare
+        right = int(np.searchsorted(hi, halves[i, 0], side="right"))
+        match = np.flatnonzero(lo[left[i]:right] == halves[i, 1])
+        at[i] = left[i] + match[0] if len(match) else -1
+    return at
+
+
+def _halves(keys: np.ndarray) -> np.ndarray:
+    """16-byte keys (V16) as rows of two uint64 (native order: only equality and grouping matter)."""
+    return np.frombuffer(np.ascontiguousarray(keys).tobytes(), dtype=np.uint64).reshape(-1, 2)
 
 
 _Results = Callable[[], dict[str, Any]]  # path -> ImageInfo | (reason, detail), once ready
@@ -515,7 +624,12 @@ class _Assembler:
         self.source = source
         self.step_id = step_id
         self.copies = _Seen()  # content ids -> records of that content so far
-        self.own_ids = _Seen()  # the data set's ids (a digest) -> the origin of the record that has it
+        self.own_ids = _Seen()  # the data set's ids (a digest) -> the record that has it first
+        # the origins of the records whose ids `own_ids` may still name as first: blocks of
+        # (first reference, origin column, items judged, origins of the candidates among them)
+        self.judged = 0
+        self.first_origins: collections.deque[tuple[int, pa.ChunkedArray, np.ndarray, list[str]]] = \
+            collections.deque()
 
     def chunk(self, prepared: _Prepared, images: dict[str, Any]) -> Chunk:
         """The block's records and rejects, in input order, once its images are inspected.
@@ -550,14 +664,18 @@ class _Assembler:
         judged = order[has_own[order]]
         reused: list[int] = []
         if len(judged):
-            # the rows among them come in ascending order: their origins in one take
-            row_origins = iter(table.column("origin").take(pa.array(judged[judged < n])).to_pylist())
-            firsts = [next(row_origins) if k < n else live[k - n][0].origin for k in judged.tolist()]
-            found = self.own_ids.seen_all(own_keys[judged].tolist(), firsts, array=own_keys[judged])
-            for k, (times, first) in zip(judged.tolist(), found):
-                if times:
-                    reused.append(k)
-                    rejects.append((int(position_of[k]), self._reused(prepared, live, k, first)))
+            base = self.judged
+            self.judged += len(judged)
+            self.first_origins.append((base, table.column("origin"), judged,
+                                       [live[k - n][0].origin for k in judged[judged >= n].tolist()]))
+            times, firsts = self.own_ids.seen_all(own_keys[judged], np.arange(base, self.judged))
+            for i in np.flatnonzero(times).tolist():
+                k = int(judged[i])
+                reused.append(k)
+                rejects.append((int(position_of[k]), self._reused(prepared, live, k, self._origin(int(firsts[i])))))
+            while self.first_origins and self.first_origins[0][0] + len(self.first_origins[0][2]) \
+                    <= self.own_ids.horizon:
+                self.first_origins.popleft()
         survivors = order
         if reused:
             alive = np.ones(len(position_of), dtype=bool)
@@ -567,13 +685,17 @@ class _Assembler:
         # copies of one content numbered in input order
         contents = [records.record_id(name, image_dicts, item.conversations) for item, image_dicts in live]
         keys = np.concatenate([_binary16(table.column(KEY)), np.array([bytes.fromhex(c) for c in contents], dtype="V16")])
-        copies = self.copies.seen_all(keys[survivors].tolist(), array=keys[survivors])
+        copies, _ = self.copies.seen_all(keys[survivors])
         renamed: dict[int, str] = {}  # rows that are a later copy -> their id
+        later = np.flatnonzero(copies[:len(survivors)] > 0)
+        later_rows = survivors[later][survivors[later] < n]
+        if len(later_rows):
+            for k, turns, copy in zip(later_rows.tolist(), table.column("conversations").take(pa.array(later_rows))
+                                      .to_pylist(), copies[later][survivors[later] < n].tolist()):
+                renamed[k] = records.record_id(name, [], turns, copy=copy)
         candidate_rows: list[dict[str, Any]] = []
-        for k, (copy, _) in zip(survivors.tolist(), copies):
+        for k, copy in zip(survivors.tolist(), copies.tolist()) if live else ():
             if k < n:
-                if copy:
-                    renamed[k] = records.record_id(name, [], table.column("conversations")[k].as_py(), copy=copy)
                 continue
             item, image_dicts = live[k - n]
             candidate_rows.append({
@@ -599,6 +721,17 @@ class _Assembler:
             out = out.take(pa.array(survivors))
         rejects.sort(key=lambda r: r[0])
         return Chunk(records=out, rejects=[r for _, r in rejects], consumed=len(prepared.kinds))
+
+    def _origin(self, ref: int) -> str | None:
+        """The origin of the record `own_ids` knows by `ref`; None for -1 (no longer known)."""
+        if ref < 0:
+            return None
+        for base, origins, judged, candidate_origins in self.first_origins:
+            if base <= ref < base + len(judged):
+                k = int(judged[ref - base])
+                n = len(origins)
+                return origins[k].as_py() if k < n else candidate_origins[int((judged[:ref - base] >= n).sum())]
+        raise AssertionError(f"no origin kept for reference {ref}")
 
     def _reused(self, prepared: _Prepared, live: list[tuple[_Candidate, Any]], k: int, first: str | None) -> Reject:
         """The reject of item `k` (a row, or a live candidate after the n rows), whose own id is reused."""

@@ -40,9 +40,42 @@ ROW_SCHEMA = pa.schema([*records.SCHEMA, pa.field(KEY, pa.binary(16)), pa.field(
                         pa.field(LINE, pa.int64())])
 
 
+SHORT_ID = 15  # UTF-8 bytes of an own id that is its own key, after a byte for its length
+
+
 def own_key(source_id: str) -> bytes:
-    """The 16-byte key of a data set's own id (a lone surrogate, which only the stdlib reads, kept as is)."""
-    return blake2b(source_id.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    """The 16-byte key of a data set's own id: a short id's length and bytes (no hashing), a longer
+    one's blake2b with the top bit of its first byte set, which no length below 16 has. A lone
+    surrogate, which only the stdlib reads, is kept as is."""
+    data = source_id.encode("utf-8", "surrogatepass")
+    if len(data) <= SHORT_ID:
+        return bytes([len(data)]) + data.ljust(SHORT_ID, b"\0")
+    digest = blake2b(data, digest_size=16).digest()
+    return bytes([digest[0] | 0x80]) + digest[1:]
+
+
+def own_keys(ids: pa.Array) -> bytes:
+    """`own_key` of each string of `ids` (nulls: 16 zero bytes), short ones built as whole arrays."""
+    n = len(ids)
+    if not n:
+        return b""
+    ids = ids.cast(pa.string())
+    offsets = np.frombuffer(ids.buffers()[1], dtype=np.int32)[ids.offset:ids.offset + n + 1].astype(np.int64)
+    data = np.frombuffer(ids.buffers()[2], dtype=np.uint8) if ids.buffers()[2] is not None else np.zeros(0, np.uint8)
+    lengths = offsets[1:] - offsets[:-1]
+    valid = _valid(ids)
+    keys = np.zeros((n, 16), dtype=np.uint8)
+    short = valid & (lengths <= SHORT_ID)
+    keys[short, 0] = lengths[short]
+    for j in range(int(lengths[short].max(initial=0))):
+        at = np.flatnonzero(short & (lengths > j))
+        keys[at, j + 1] = data[offsets[at] + j]
+    raw = memoryview(data)
+    for i in np.flatnonzero(valid & ~short).tolist():
+        digest = blake2b(raw[offsets[i]:offsets[i + 1]], digest_size=16).digest()
+        keys[i] = np.frombuffer(digest, dtype=np.uint8)
+        keys[i, 0] |= 0x80
+    return keys.tobytes()
 
 
 def eligible(source: ir.Source) -> bool:
@@ -236,14 +269,14 @@ def _convert(t: pa.Table, numbers: list[int], shown: str, source: ir.Source, ste
 
     own = _column(t, "id")
     if _is_null(own) or pa.types.is_boolean(own.type):
-        source_ids: list[str | None] = [None] * n
+        source_ids = pa.nulls(n, pa.string())
     elif _strings(own):
-        source_ids = own.to_pylist()
+        source_ids = own.cast(pa.string())
     elif pa.types.is_int64(own.type):
-        source_ids = own.cast(pa.string()).to_pylist()
+        source_ids = own.cast(pa.string())
     else:  # a float (an integer past 64 bits, say), a timestamp pyarrow saw in a string: line by line
         ok &= ~_valid(own)
-        source_ids = [None] * n
+        source_ids = pa.nulls(n, pa.string())
 
     numeric = [name for name in t.column_names if name not in known_fields
                and (pa.types.is_int64(t.schema.field(name).type) or pa.types.is_float64(t.schema.field(name).type))]
@@ -269,7 +302,6 @@ def _convert(t: pa.Table, numbers: list[int], shown: str, source: ir.Source, ste
     flat = kept_turns.flatten()
     froms, values = flat.field("from").to_pylist(), flat.field("value").to_pylist()
 
-    rows = keep.tolist()
     name = source.name
     bounds = np.concatenate([[0], np.cumsum(lengths[keep])]).tolist()
     # (from, value) tuples: orjson writes them as the arrays records.record_id hashes; strings read
@@ -277,9 +309,11 @@ def _convert(t: pa.Table, numbers: list[int], shown: str, source: ir.Source, ste
     pairs = list(zip(froms, values))
     keys = [sha256(dumps({"conversations": pairs[a:b], "images": [], "source": name})).digest()[:16]
             for a, b in zip(bounds, bounds[1:])]
-    kept_ids = [source_ids[r] for r in rows]
-    origins = [f"{shown}:{numbers[r]}" if sid is None else f"{shown}:{numbers[r]} id={sid}"
-               for r, sid in zip(rows, kept_ids)]
+    kept_ids = kept(source_ids)
+    lines = pa.array(np.asarray(numbers, dtype=np.int64)[keep]).cast(pa.string())
+    where = pc.binary_join_element_wise(shown + ":", lines, "")
+    origins = pc.coalesce(pc.binary_join_element_wise(where, " id=", kept_ids, ""), where) if kept_ids.null_count < len(keep) \
+        else where
     count = len(keep)
     if len(numeric) == 1 and not nested:  # the common case: one score, as a map array built whole
         scores = _one_score(numeric[0], kept(t.column(numeric[0])).combine_chunks())
@@ -288,7 +322,7 @@ def _convert(t: pa.Table, numbers: list[int], shown: str, source: ir.Source, ste
         nested_columns = {key: kept(given.field(key)).to_pylist() for key in nested} if nested else {}
         given_valid = _valid(given)[keep].tolist() if nested else None
         entries = []
-        for k in range(len(rows)):
+        for k in range(count):
             entry = {key: float(v) for key in numeric if (v := columns[key][k]) is not None}
             if nested and given_valid[k]:
                 entry.update({key: float(v) for key in nested if (v := nested_columns[key][k]) is not None})
@@ -299,7 +333,7 @@ def _convert(t: pa.Table, numbers: list[int], shown: str, source: ir.Source, ste
     table = pa.Table.from_arrays([
         _hex(key_bytes, count),
         pa.repeat(name, count),
-        pa.array(origins, pa.string()),
+        origins,
         _lists(np.zeros(count + 1, dtype=np.int32), pa.array([], records.IMAGE), "images"),
         _turns(kept_turns, count),
         pa.repeat(source.category, count),
@@ -308,16 +342,22 @@ def _convert(t: pa.Table, numbers: list[int], shown: str, source: ir.Source, ste
         kept(tags["instruction_tags"]),
         scores,
         _lists(np.arange(count + 1, dtype=np.int32), pa.repeat(step_id, count), "provenance"),
-        pa.array(kept_ids, pa.string()),
+        kept_ids,
         pa.Array.from_buffers(pa.binary(16), count, [None, pa.py_buffer(key_bytes)]),
-        pa.array([None if sid is None else blake2b(sid.encode(), digest_size=16).digest() for sid in kept_ids],
-                 pa.binary(16)),  # own_key: strings pyarrow read are valid UTF-8
+        pa.Array.from_buffers(pa.binary(16), count, [_validity(kept_ids), pa.py_buffer(own_keys(kept_ids))]),
         pa.array(np.asarray(numbers, dtype=np.int64)[keep]),
     ], schema=ROW_SCHEMA)
     return table, ok
 
 
 _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+
+
+def _validity(array: pa.Array) -> pa.Buffer | None:
+    """`array`'s validity as a bitmap of its own (none when it has no nulls)."""
+    if not array.null_count:
+        return None
+    return pa.py_buffer(np.packbits(_valid(array), bitorder="little").tobytes())
 
 
 def _hex(key_bytes: bytes, count: int) -> pa.Array:

@@ -42,6 +42,7 @@ functions that read or write shards: a run that finds everything cached never lo
 
 from __future__ import annotations
 
+import collections
 import errno
 import glob
 import hashlib
@@ -49,6 +50,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
@@ -540,9 +542,32 @@ class StepWriter:
         self.files: list[dict[str, Any]] = []
         self._file_names: set[str] = set()
         self._dirs = {self.dir}
+        # shards are encoded on a thread of their own (pyarrow lets go of the GIL), so the step
+        # makes its next records meanwhile; at most SHARDS_AHEAD wait, which bounds the memory
+        self._shards: ThreadPoolExecutor | None = None
+        self._pending: collections.deque[tuple[int, Future[dict[str, Any]]]] = collections.deque()
+
+    SHARDS_AHEAD = 2
 
     def add_records(self, table: "pa.Table") -> None:
-        self.records.append(self._parquet(f"shard-{len(self.records):05d}.parquet", table))
+        index = len(self.records)
+        self.records.append({})  # filled in when the shard is written
+        if self._shards is None:
+            self._shards = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recipec-shards")
+        while len(self._pending) >= self.SHARDS_AHEAD:
+            self._finish_one()
+        self._pending.append((index, self._shards.submit(self._parquet, f"shard-{index:05d}.parquet", table)))
+
+    def _finish_one(self) -> None:
+        index, future = self._pending.popleft()
+        self.records[index] = future.result()
+
+    def _finish_shards(self) -> None:
+        while self._pending:
+            self._finish_one()
+        if self._shards is not None:
+            self._shards.shutdown(wait=True)
+            self._shards = None
 
     def add_rejects(self, table: "pa.Table") -> None:
         self.rejects.append(self._parquet(f"rejects-{len(self.rejects):05d}.parquet", table))
@@ -580,6 +605,7 @@ class StepWriter:
         return {"name": name, "rows": table.num_rows, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
     def commit(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        self._finish_shards()
         manifest = {"format": STORE_FORMAT, "key": self.key, **fields,
                     "records": self.records, "rejects": self.rejects, "files": self.files}
         text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
@@ -602,4 +628,9 @@ class StepWriter:
         return json.loads(text)  # exactly what a later run reads back, key order included
 
     def abort(self) -> None:
+        for _, future in self._pending:
+            future.cancel()
+        if self._shards is not None:
+            self._shards.shutdown(wait=True)
+        self._pending.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
