@@ -420,8 +420,13 @@ def test_seen_in_bulk_counts_as_one_by_one(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(ingest._Seen, "RUNS", 3)
     rng = np.random.default_rng(5)
     keys = [int(k).to_bytes(2, "big") * 8 for k in rng.integers(0, 300, size=3000)]
-    # keys that share their first 8 bytes with others, and digest-like ones the filter rules out
+    # keys that share their first 8 bytes with others, keys whose first halves `_halves` maps to one
+    # value (equal keys sorted side by side), and digest-like ones the filter rules out
     keys += [int(a).to_bytes(8, "big") + int(b).to_bytes(8, "big") for a, b in rng.integers(0, 12, size=(2000, 2))]
+    mix = np.uint64(0x9E3779B97F4A7C15)
+    lows = rng.integers(0, 12, size=2000).astype(np.uint64)
+    keys += [np.array([high, low], dtype=np.uint64).tobytes() for high, low in zip(np.uint64(7) ^ (lows * mix), lows)]
+    assert len({ingest._halves(np.array([k], dtype="V16"))[0, 0] for k in keys[-2000:]}) == 1
     keys += [rng.bytes(16) for _ in range(2000)]
     keys = [keys[i] for i in rng.permutation(len(keys))]
 
@@ -535,8 +540,8 @@ def test_columnar_reading_gives_what_reading_line_by_line_gives(monkeypatch: pyt
     many = [json.dumps({"id": f"r{i}", "loss": i / 4, "conversations": qa(images=0)}).encode() for i in range(300)]
     fast = prepared(many, src, True)
     assert fast == prepared(many, src, False) and len(fast[1]) == 300
-    rows, accepted = ingest_columnar.read(many, list(range(1, 301)), "f.jsonl", src, "ingest.src",
-                                                 ingest._KNOWN_FIELDS)
+    rows, accepted = ingest_columnar.read(b"".join(line + b"\n" for line in many), np.cumsum(
+        [0] + [len(line) + 1 for line in many]), np.arange(1, 301), "f.jsonl", src, "ingest.src", ingest._KNOWN_FIELDS)
     assert accepted.all() and rows.num_rows == 300  # the plain records are all read columnar
 
 

@@ -136,8 +136,8 @@ def test_a_cut_histogram_counts_every_kept_and_dropped_value_shard_by_shard(run)
 
     store = Store(run["store"])
     step = "filter.quality.1.keep_loss"
-    manifest = next(m for m in (json.loads(p.read_text()) for p in run["store"].glob("steps/*/*/manifest.json"))
-                    if m["step"] == step)
+    key = next(s["key"] for s in report_of(run)["steps"] if s["id"] == step)  # this run's, not another test's
+    manifest = json.loads((store.step_dir(key) / "manifest.json").read_text())
     outcome = SimpleNamespace(id=step, key=manifest["key"], manifest=manifest)
     condition = {"verb": "keep", "field": "loss", "op": "<=", "value": 1.2}
     kept = [dict(s)["loss"] for e in manifest["records"]

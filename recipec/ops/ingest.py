@@ -302,16 +302,27 @@ def _prepare_block(block: _Lines | list[_Raw | _Candidate], source: ir.Source, s
 
 def _prepare_lines(block: _Lines, source: ir.Source, step_id: str) -> _Prepared:
     """Lines of JSON Lines: the plain records columnar (`ingest_columnar`), the others one by one."""
-    numbered = [(number, line) for number, line in enumerate(block.split(), start=block.first) if line.strip()]
-    if not numbered or not ingest_columnar.eligible(source):
-        slow = _prepare_items([raw for number, line in numbered
-                               for raw in _jsonl_line(line, f"{block.shown}:{number}", block.id_key)], source, step_id)
-        return _with_lines(slow, [number for number, _ in numbered])
-    fast, accepted = ingest_columnar.read(
-        [line for _, line in numbered], [number for number, _ in numbered], block.shown, source, step_id, _KNOWN_FIELDS)
-    left = [number for (number, _), done in zip(numbered, accepted.tolist()) if not done]
-    slow = _prepare_items([raw for (number, line), done in zip(numbered, accepted.tolist()) if not done
-                           for raw in _jsonl_line(line, f"{block.shown}:{number}", block.id_key)], source, step_id)
+    raw = np.frombuffer(block.data, dtype=np.uint8)
+    ends = np.flatnonzero(raw == 10) + 1
+    bounds = np.concatenate([[0], ends, [len(raw)] if len(raw) and raw[-1] != 10 else []]).astype(np.int64)
+    if len(bounds) > 1 and (raw[bounds[:-1]] == ord("{")).all() and ingest_columnar.eligible(source):
+        # every line opens an object, so none is blank: the block as it came, not split
+        data, numbers = block.data, np.arange(block.first, block.first + len(bounds) - 1)
+    else:
+        numbered = [(number, line) for number, line in enumerate(block.split(), start=block.first) if line.strip()]
+        if not numbered or not ingest_columnar.eligible(source):
+            slow = _prepare_items([raw for number, line in numbered
+                                   for raw in _jsonl_line(line, f"{block.shown}:{number}", block.id_key)],
+                                  source, step_id)
+            return _with_lines(slow, [number for number, _ in numbered])
+        data = b"".join(line for _, line in numbered)
+        bounds = np.concatenate([[0], np.cumsum([len(line) for _, line in numbered])]).astype(np.int64)
+        numbers = np.array([number for number, _ in numbered], dtype=np.int64)
+    fast, accepted = ingest_columnar.read(data, bounds, numbers, block.shown, source, step_id, _KNOWN_FIELDS)
+    left = np.flatnonzero(~accepted)
+    slow = _prepare_items([item for i in left.tolist() for item in _jsonl_line(
+        data[bounds[i]:bounds[i + 1]], f"{block.shown}:{numbers[i]}", block.id_key)], source, step_id)
+    left = numbers[left].tolist()
     if not slow.kinds:
         return _Prepared(bytes([_ROW]) * fast.num_rows, fast, None, [], [])
     slow = _with_lines(slow, left)
@@ -411,18 +422,23 @@ class _Preparer:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
     def prepare(self, blocks: Iterator[_Lines | list[_Raw | _Candidate]]) -> Iterator[_Prepared]:
-        # the first block inline: starting processes costs more than a small source takes
-        for block in itertools.islice(blocks, 1 if self.workers > 1 else None):
-            yield _with_block(_prepare(block, self.source, self.step_id), block)
+        # the first block inline: starting processes costs more than a small source takes; with
+        # more blocks, the processes start on the next ones while this one is prepared
         first = next(blocks, None)
-        if first is None:
+        second = next(blocks, None) if first is not None and self.workers > 1 else None
+        if second is None:
+            for block in itertools.chain([first] if first is not None else [], blocks):
+                yield _with_block(_prepare(block, self.source, self.step_id), block)
             return
-        blocks = itertools.chain([first], blocks)
         # spawn: safe whatever the parent holds (threads, a GPU context)
         self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"),
                                         initializer=_worker_started)
         source_json = self.source.model_dump_json()
         ahead: collections.deque[Any] = collections.deque()
+        blocks = itertools.chain([second], blocks)
+        for block in itertools.islice(blocks, 2 * self.workers):
+            ahead.append((block, self.pool.submit(_prepare_in_worker, block, source_json, self.step_id)))
+        yield _with_block(_prepare(first, self.source, self.step_id), first)
         for block in blocks:
             ahead.append((block, self.pool.submit(_prepare_in_worker, block, source_json, self.step_id)))
             if len(ahead) > 2 * self.workers:
@@ -590,8 +606,12 @@ def _find(hi: np.ndarray, lo: np.ndarray, halves: np.ndarray) -> np.ndarray:
 
 
 def _halves(keys: np.ndarray) -> np.ndarray:
-    """16-byte keys (V16) as rows of two uint64 (native order: only equality and grouping matter)."""
-    return np.frombuffer(np.ascontiguousarray(keys).tobytes(), dtype=np.uint64).reshape(-1, 2)
+    """16-byte keys (V16) as rows of two uint64, the first xor-ed with a multiple of the second: one
+    to one, so equal keys stay equal, and keys alike in their first 8 bytes (short ids with a common
+    prefix are their own keys) still spread over the sorted arrays by their first half."""
+    halves = np.frombuffer(np.ascontiguousarray(keys).tobytes(), dtype=np.uint64).reshape(-1, 2).copy()
+    halves[:, 0] ^= halves[:, 1] * np.uint64(0x9E3779B97F4A7C15)
+    return halves
 
 
 _Results = Callable[[], dict[str, Any]]  # path -> ImageInfo | (reason, detail), once ready

@@ -83,25 +83,26 @@ def eligible(source: ir.Source) -> bool:
     return not source.columns and source.format in ("llava_jsonl", "llava_json")
 
 
-def read(lines: list[bytes], numbers: list[int], shown: str, source: ir.Source, step_id: str,
+def read(data: bytes, bounds: np.ndarray, numbers: np.ndarray, shown: str, source: ir.Source, step_id: str,
          known_fields: frozenset[str] | set[str]) -> tuple[pa.Table, np.ndarray]:
-    """The plain records among `lines` (no blank ones; `numbers` are their line numbers) as rows in
-    ROW_SCHEMA, `id` being their content id; and which lines they are (the others are left)."""
-    accepted = np.zeros(len(lines), dtype=bool)
-    joined = b"".join(lines)
-    usable = _closed(joined, len(lines))
+    """The plain records among the lines of `data` (line i is `data[bounds[i]:bounds[i + 1]]`, none
+    blank; `numbers` are their line numbers) as rows in ROW_SCHEMA, `id` being their content id; and
+    which lines they are (the others are left)."""
+    n = len(bounds) - 1
+    accepted = np.zeros(n, dtype=bool)
+    usable = _closed(data, bounds)
     tables: list[pa.Table] = []
     splits = 0
     start = 0
-    while start < len(lines):
+    while start < n:
         if not usable[start]:
             start += 1
             continue
         end = start
-        while end < len(lines) and usable[end]:
+        while end < n and usable[end]:
             end += 1
         try:
-            body = joined if start == 0 and end == len(lines) else b"".join(lines[start:end])
+            body = data if start == 0 and end == n else data[bounds[start]:bounds[end]]
             parsed = pj.read_json(io.BytesIO(body), read_options=_READ, parse_options=_PARSE)
         except pa.ArrowInvalid as e:
             bad = _row_of(str(e))
@@ -120,7 +121,7 @@ def read(lines: list[bytes], numbers: list[int], shown: str, source: ir.Source, 
             usable[start + np.flatnonzero(odd)] = False
             continue
         # no `<image>` in the bytes and no \u escape that could spell one: no turn holds the token
-        tokens = b"<image>" in body or b"\\u" in body
+        tokens = (b"<" in body and b"<image>" in body) or (b"\\" in body and b"\\u" in body)  # memchr first
         table, ok = _convert(parsed, numbers[start:end], shown, source, step_id, known_fields, tokens)
         tables.append(table)
         accepted[start:end] = ok
@@ -129,20 +130,17 @@ def read(lines: list[bytes], numbers: list[int], shown: str, source: ir.Source, 
     return rows, accepted
 
 
-def _closed(joined: bytes, n: int) -> np.ndarray:
-    """Whether each of the `n` lines in `joined` ends with `}` (before its newline): a line cut short,
-    the usual broken line, goes to the per-line path without costing pyarrow a failed parse and a
-    second one (a line with spaces after its `}` goes there too, and is read right all the same)."""
-    raw = np.frombuffer(joined, dtype=np.uint8)
-    ends = np.flatnonzero(raw == 10)
-    if len(ends) == n - 1:  # the last line has no newline
-        ends = np.append(ends, len(raw))
-    if len(ends) != n:  # not one line each: let pyarrow say
-        return np.ones(n, dtype=bool)
-    last = raw[np.maximum(ends - 1, 0)]
-    cr = last == 13  # a Windows line end: the byte before the \r
-    last[cr] = raw[np.maximum(ends[cr] - 2, 0)]
-    return (last == ord("}")) & (ends > 0)
+def _closed(data: bytes, bounds: np.ndarray) -> np.ndarray:
+    """Whether each line ends with `}` (before its newline): a line cut short, the usual broken line,
+    goes to the per-line path without costing pyarrow a failed parse and a second one (a line with
+    spaces after its `}` goes there too, and is read right all the same)."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    starts, at = bounds[:-1], bounds[1:] - 1  # each line's last byte
+    if not len(at):
+        return np.zeros(0, dtype=bool)
+    at = at - (raw[at] == 10)
+    at = at - ((at >= starts) & (raw[np.maximum(at, 0)] == 13))  # a Windows line end: the byte before \r
+    return (at >= starts) & (raw[np.maximum(at, 0)] == ord("}"))
 
 
 def _non_finite_rows(table: pa.Table) -> np.ndarray:
@@ -164,8 +162,8 @@ def _has_floats(t: pa.DataType) -> bool:
 
 def _non_finite(array: pa.Array) -> np.ndarray:
     t = array.type
-    if pa.types.is_floating(t):
-        return ~np.asarray(pc.is_finite(array).fill_null(True), dtype=bool)
+    if pa.types.is_floating(t):  # valid and not finite (Kleene logic: a null is not odd)
+        return np.asarray(pc.and_not_kleene(pc.is_valid(array), pc.is_finite(array)), dtype=bool)
     if pa.types.is_list(t) or pa.types.is_large_list(t):
         inner = _non_finite(array.flatten())
         parents = np.asarray(pc.list_parent_indices(array), dtype=np.int64)
@@ -300,15 +298,16 @@ def _convert(t: pa.Table, numbers: list[int], shown: str, source: ir.Source, ste
 
     kept_turns = kept(conversations)
     flat = kept_turns.flatten()
-    froms, values = flat.field("from").to_pylist(), flat.field("value").to_pylist()
+    values = flat.field("value").to_pylist()
 
     name = source.name
     bounds = np.concatenate([[0], np.cumsum(lengths[keep])]).tolist()
-    # (from, value) tuples: orjson writes them as the arrays records.record_id hashes; strings read
-    # by pyarrow are valid UTF-8, which is all that could make orjson refuse them
-    pairs = list(zip(froms, values))
-    keys = [sha256(dumps({"conversations": pairs[a:b], "images": [], "source": name})).digest()[:16]
-            for a, b in zip(bounds, bounds[1:])]
+    # the JSON records.record_id hashes, around orjson's array of (from, value) pairs: a kept row's
+    # turns alternate human and gpt from its first, so `from` need not be read; strings read by
+    # pyarrow are valid UTF-8, which is all that could make orjson refuse them
+    pairs = list(zip((records.USER, records.ASSISTANT) * (len(values) // 2), values))
+    head, tail = b'{"conversations":', b',"images":[],"source":' + dumps(name) + b"}"
+    keys = [sha256(head + dumps(pairs[a:b]) + tail).digest()[:16] for a, b in zip(bounds, bounds[1:])]
     kept_ids = kept(source_ids)
     lines = pa.array(np.asarray(numbers, dtype=np.int64)[keep]).cast(pa.string())
     where = pc.binary_join_element_wise(shown + ":", lines, "")

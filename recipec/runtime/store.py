@@ -65,9 +65,11 @@ if TYPE_CHECKING:
 
 STORE_FORMAT = 1
 MANIFEST = "manifest.json"
+# zstd's level 1: a step's shards are written once and read a few times; against level 3 it
+# encodes 1M text records in 2.2 s instead of 3.8 s for 6% more bytes (the exports keep level 3)
 PARQUET_OPTIONS: dict[str, Any] = {
     "compression": "zstd",
-    "compression_level": 3,
+    "compression_level": 1,
     "use_dictionary": True,
     "write_statistics": True,
     "version": "2.6",
@@ -599,10 +601,19 @@ class StepWriter:
         self.files.append({"name": f"files/{name}", "bytes": path.stat().st_size, "sha256": file_sha256(path)})
 
     def _parquet(self, name: str, table: "pa.Table") -> dict[str, Any]:
+        # encoded in memory, then hashed and written from there: the file is not read back
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, **PARQUET_OPTIONS)
+        data = sink.getvalue()
         path = self.dir / name
-        write_parquet(table, path)
-        _fsync_file(path)
-        return {"name": name, "rows": table.num_rows, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return {"name": name, "rows": table.num_rows, "bytes": data.size, "sha256": hashlib.sha256(data).hexdigest()}
 
     def commit(self, fields: Mapping[str, Any]) -> dict[str, Any]:
         self._finish_shards()
