@@ -96,6 +96,7 @@ REASONS = frozenset({
     "image_token_mismatch", "duplicate_id", *imaging.REASONS,
 })
 
+AHEAD = 6  # blocks in flight per preparing process: enough that none waits while the step's own process is busy
 BLOCK = 2048  # items per block of the formats read item by item: the unit of the workers' batches
 BLOCK_BYTES = 1 << 20  # of whole lines per block of a JSON Lines file (one line may make a larger one)
 PIECE = 64  # images per task sent to a worker
@@ -436,12 +437,12 @@ class _Preparer:
         source_json = self.source.model_dump_json()
         ahead: collections.deque[Any] = collections.deque()
         blocks = itertools.chain([second], blocks)
-        for block in itertools.islice(blocks, 2 * self.workers):
+        for block in itertools.islice(blocks, AHEAD * self.workers):
             ahead.append((block, self.pool.submit(_prepare_in_worker, block, source_json, self.step_id)))
         yield _with_block(_prepare(first, self.source, self.step_id), first)
         for block in blocks:
             ahead.append((block, self.pool.submit(_prepare_in_worker, block, source_json, self.step_id)))
-            if len(ahead) > 2 * self.workers:
+            if len(ahead) > AHEAD * self.workers:
                 done, future = ahead.popleft()
                 yield _with_block(future.result(), done)
         while ahead:

@@ -76,6 +76,14 @@ PARQUET_OPTIONS: dict[str, Any] = {
     "data_page_version": "1.0",
     "row_group_size": 65_536,
 }
+# columns nearly unique per record: a dictionary or min/max statistics of them are work wasted
+_UNIQUE_COLUMNS = frozenset({"id", "origin", "conversations", "source_id", "record", "detail"})
+
+
+def shard_options(table: "pa.Table") -> dict[str, Any]:
+    """PARQUET_OPTIONS for one shard: dictionaries and statistics for its columns that repeat."""
+    repeating = [name for name in table.column_names if name not in _UNIQUE_COLUMNS]
+    return {**PARQUET_OPTIONS, "use_dictionary": repeating, "write_statistics": repeating}
 _HASH_BLOCK = 1 << 20
 
 
@@ -342,7 +350,7 @@ def atomic_write(path: Path, data: bytes) -> None:
 def write_parquet(table: "pa.Table", path: Path) -> None:
     import pyarrow.parquet as pq
 
-    pq.write_table(table, path, **PARQUET_OPTIONS)
+    pq.write_table(table, path, **shard_options(table))
 
 
 def safe_artifact_name(name: str) -> str:
@@ -606,7 +614,7 @@ class StepWriter:
         import pyarrow.parquet as pq
 
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, **PARQUET_OPTIONS)
+        pq.write_table(table, sink, **shard_options(table))
         data = sink.getvalue()
         path = self.dir / name
         with open(path, "wb") as f:
