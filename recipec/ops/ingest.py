@@ -68,6 +68,7 @@ import collections
 import contextlib
 import gc
 import glob
+import hashlib
 import itertools
 import json
 import math
@@ -547,9 +548,15 @@ class _Seen:
         return times, firsts
 
     def _joined_runs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        hi, lo, ref = (np.concatenate(parts) for parts in zip(*self.runs))
+        """The recent runs as one: the later ones sorted together, then put into the first in place
+        (an insert moves the first run's memory once, where sorting it again costs far more)."""
+        if len(self.runs) == 1:
+            return self.runs[0]
+        hi, lo, ref = (np.concatenate(parts) for parts in zip(*self.runs[1:]))
         by_hi = np.argsort(hi, kind="stable")
-        return hi[by_hi], lo[by_hi], ref[by_hi]
+        first_hi, first_lo, first_ref = self.runs[0]
+        at = np.searchsorted(first_hi, hi[by_hi])
+        return np.insert(first_hi, at, hi[by_hi]), np.insert(first_lo, at, lo[by_hi]), np.insert(first_ref, at, ref[by_hi])
 
     def _merge(self) -> None:
         hi, lo, _ = self._joined_runs()
@@ -591,11 +598,27 @@ class _Seen:
         return _find(self.old_hi, self.old_lo, halves) >= 0
 
 
+def _copy_ids(source: str, conversations: pa.Array, copies: list[int]) -> list[str]:
+    """`records.record_id` of rows with no images that are later copies, from their turns as Arrow:
+    orjson's bytes of the same content, written around its array of (from, value) pairs."""
+    flat = conversations.flatten()
+    pairs = list(zip(flat.field("from").to_pylist(), flat.field("value").to_pylist()))
+    bounds = np.asarray(conversations.offsets, dtype=np.int64)
+    bounds = (bounds - bounds[0]).tolist()
+    tail = b',"images":[],"source":' + orjson.dumps(source) + b"}"
+    return [hashlib.sha256(b'{"conversations":' + orjson.dumps(pairs[a:b]) + b',"copy":%d' % copy + tail)
+            .hexdigest()[:32] for a, b, copy in zip(bounds, bounds[1:], copies)]
+
+
 def _find(hi: np.ndarray, lo: np.ndarray, halves: np.ndarray) -> np.ndarray:
     """Where each key of `halves` is in (hi, lo), sorted by hi; -1 where it is not."""
     if not len(hi) or not len(halves):
         return np.full(len(halves), -1, dtype=np.int64)
-    left = np.minimum(np.searchsorted(hi, halves[:, 0]), len(hi) - 1)
+    # queries in increasing order: numpy narrows each binary search by the one before
+    order = np.argsort(halves[:, 0])
+    left = np.empty(len(halves), dtype=np.int64)
+    left[order] = np.searchsorted(hi, halves[order, 0])
+    left = np.minimum(left, len(hi) - 1)
     same = hi[left] == halves[:, 0]
     at = np.where(same & (lo[left] == halves[:, 1]), left, -1)
     shared = np.flatnonzero(same & (hi[np.minimum(left + 1, len(hi) - 1)] == halves[:, 0]) & (left + 1 < len(hi)))
@@ -711,9 +734,8 @@ class _Assembler:
         later = np.flatnonzero(copies[:len(survivors)] > 0)
         later_rows = survivors[later][survivors[later] < n]
         if len(later_rows):
-            for k, turns, copy in zip(later_rows.tolist(), table.column("conversations").take(pa.array(later_rows))
-                                      .to_pylist(), copies[later][survivors[later] < n].tolist()):
-                renamed[k] = records.record_id(name, [], turns, copy=copy)
+            renamed = dict(zip(later_rows.tolist(), _copy_ids(name, table.column("conversations").take(
+                pa.array(later_rows)).combine_chunks(), copies[later][survivors[later] < n].tolist())))
         candidate_rows: list[dict[str, Any]] = []
         for k, copy in zip(survivors.tolist(), copies.tolist()) if live else ():
             if k < n:

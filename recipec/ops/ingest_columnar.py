@@ -253,12 +253,12 @@ def _convert(t: pa.Table, numbers: list[int], shown: str, source: ir.Source, ste
     for key in ("image_tags", "instruction_tags"):
         column = _column(t, key)
         if _is_null(column):
-            tags[key] = pa.array([[]] * n, pa.list_(pa.string()))
+            tags[key] = pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, dtype=np.int32)), pa.array([], pa.string()))
             continue
         if not pa.types.is_list(column.type) or not (pa.types.is_string(column.type.value_type)
                                                      or pa.types.is_null(column.type.value_type)):
             ok &= ~_valid(column)
-            tags[key] = pa.array([[]] * n, pa.list_(pa.string()))
+            tags[key] = pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, dtype=np.int32)), pa.array([], pa.string()))
             continue
         items = column.flatten()
         counts = np.asarray(pc.list_value_length(column).fill_null(0), dtype=np.int64)
