@@ -562,3 +562,36 @@ def test_own_id_keys_built_whole_match_one_by_one() -> None:
     check()
     ids = ["a" * k for k in range(40)] + ["a\x00", "a\x00\x00", "", "\x00"] + ["é" * k for k in range(12)]
     assert len({ingest_columnar.own_key(i) for i in ids}) == len(set(ids))
+
+
+def test_a_reused_id_names_its_first_record_while_that_is_recent(tmp_path: Path, images: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ids forgotten every RECENT new ones, a reused id's reject names the first record's origin
+    exactly while that id is among the recent ones, rows and records with images alike, across
+    blocks, and says "an earlier record" after: the definition, kept by the step."""
+    monkeypatch.setattr(ingest._Seen, "RECENT", 40)
+    monkeypatch.setattr(ingest, "BLOCK_BYTES", 2048)
+    (images / "one.png").write_bytes(png(8, 8, seed=3))
+    rng = np.random.default_rng(11)
+    lines, expected = [], []
+    first_line: dict[str, int] = {}
+    new_before: dict[str, int] = {}  # id -> new ids seen before its first record
+    for number in range(1, 601):
+        reuse = first_line and rng.random() < 0.3
+        sid = str(rng.choice(list(first_line))) if reuse else f"id{number}"
+        image = rng.random() < 0.2
+        lines.append({"id": sid, "conversations": qa(question=f"Q{number}", images=int(image)),
+                      **({"image": "one.png"} if image else {})})
+        if sid in first_line:
+            recent = new_before[sid] // 40 == len(first_line) // 40
+            where = f"record at data/a.jsonl:{first_line[sid]} id={sid}" if recent else "an earlier record of the source"
+            expected.append((f"data/a.jsonl:{number} id={sid}", f"id {sid!r} is already the id of the {where}"))
+        else:
+            new_before[sid] = len(first_line)
+            first_line[sid] = number
+    write_lines(tmp_path / "data" / "a.jsonl", lines)
+    for workers in (1, 2):
+        _, rejects, _ = run(tmp_path, source(), workers=workers)
+        got = [(r.origin, r.detail) for r in rejects if r.reason == "duplicate_id"]
+        assert got == expected
+    assert any("record at" in d for _, d in expected) and any("an earlier" in d for _, d in expected)

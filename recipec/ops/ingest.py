@@ -670,9 +670,11 @@ class _Assembler:
         self.copies = _Seen()  # content ids -> records of that content so far
         self.own_ids = _Seen()  # the data set's ids (a digest) -> the record that has it first
         # the origins of the records whose ids `own_ids` may still name as first: blocks of
-        # (first reference, origin column, items judged, origins of the candidates among them)
+        # (first reference, rows in the block, items judged, the origins of the rows among them,
+        # those of the candidates among them); the rows' origins are copied out, so that the
+        # block's other columns are not kept with them
         self.judged = 0
-        self.first_origins: collections.deque[tuple[int, pa.ChunkedArray, np.ndarray, list[str]]] = \
+        self.first_origins: collections.deque[tuple[int, int, np.ndarray, pa.Array, list[str]]] = \
             collections.deque()
 
     def chunk(self, prepared: _Prepared, images: dict[str, Any]) -> Chunk:
@@ -710,7 +712,8 @@ class _Assembler:
         if len(judged):
             base = self.judged
             self.judged += len(judged)
-            self.first_origins.append((base, table.column("origin"), judged,
+            row_origins = table.column("origin").take(pa.array(judged[judged < n])).combine_chunks()  # new buffers
+            self.first_origins.append((base, n, judged, row_origins,
                                        [live[k - n][0].origin for k in judged[judged >= n].tolist()]))
             times, firsts = self.own_ids.seen_all(own_keys[judged], np.arange(base, self.judged))
             for i in np.flatnonzero(times).tolist():
@@ -769,11 +772,12 @@ class _Assembler:
         """The origin of the record `own_ids` knows by `ref`; None for -1 (no longer known)."""
         if ref < 0:
             return None
-        for base, origins, judged, candidate_origins in self.first_origins:
+        for base, n, judged, row_origins, candidate_origins in self.first_origins:
             if base <= ref < base + len(judged):
-                k = int(judged[ref - base])
-                n = len(origins)
-                return origins[k].as_py() if k < n else candidate_origins[int((judged[:ref - base] >= n).sum())]
+                before = judged[:ref - base]
+                if judged[ref - base] < n:
+                    return row_origins[int((before < n).sum())].as_py()
+                return candidate_origins[int((before >= n).sum())]
         raise AssertionError(f"no origin kept for reference {ref}")
 
     def _reused(self, prepared: _Prepared, live: list[tuple[_Candidate, Any]], k: int, first: str | None) -> Reject:

@@ -11,11 +11,11 @@ lines keep their exact reasons and details; the records read here are the same r
 field, as the per-line path would give.
 
 Pyarrow parses a block in C++, several times faster than Python can build the objects, and the
-checks are vectorised; what is left per record in Python is its content id and its origin.
+checks are vectorised; what is left per record in Python is its content id (orjson and sha256).
 
 The rows carry three columns beyond records.SCHEMA for the step's process (`ROW_SCHEMA`): the raw
-16 bytes of the content id and of the data set's own id (the keys it numbers copies and spots
-reused ids by), and the row's line number (to find its text again, should it be rejected).
+16 bytes of the content id and the 16-byte key of the data set's own id (`own_key`: the keys it
+numbers copies and spots reused ids by), and the row's line number (to find its text again, should it be rejected).
 """
 
 from __future__ import annotations
