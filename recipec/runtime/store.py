@@ -347,10 +347,18 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_parquet(table: "pa.Table", path: Path) -> None:
+def encode_shard(table: "pa.Table") -> "pa.Buffer":
+    """`table` as the bytes of a store shard (a Parquet file with `shard_options`)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(table, path, **shard_options(table))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **shard_options(table))
+    return sink.getvalue()
+
+
+def write_parquet(table: "pa.Table", path: Path) -> None:
+    Path(path).write_bytes(encode_shard(table))
 
 
 def safe_artifact_name(name: str) -> str:
@@ -609,13 +617,7 @@ class StepWriter:
         self.files.append({"name": f"files/{name}", "bytes": path.stat().st_size, "sha256": file_sha256(path)})
 
     def _parquet(self, name: str, table: "pa.Table") -> dict[str, Any]:
-        # encoded in memory, then hashed and written from there: the file is not read back
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, **shard_options(table))
-        data = sink.getvalue()
+        data = encode_shard(table)  # hashed and written from memory: the file is not read back
         path = self.dir / name
         with open(path, "wb") as f:
             f.write(data)
