@@ -304,10 +304,10 @@ def _prepare_block(block: _Lines | list[_Raw | _Candidate], source: ir.Source, s
 
 def _prepare_lines(block: _Lines, source: ir.Source, step_id: str) -> _Prepared:
     """Lines of JSON Lines: the plain records columnar (`ingest_columnar`), the others one by one."""
-    raw = np.frombuffer(block.data, dtype=np.uint8)
-    ends = np.flatnonzero(raw == 10) + 1
-    bounds = np.concatenate([[0], ends, [len(raw)] if len(raw) and raw[-1] != 10 else []]).astype(np.int64)
-    if len(bounds) > 1 and (raw[bounds[:-1]] == ord("{")).all() and ingest_columnar.eligible(source):
+    octets = np.frombuffer(block.data, dtype=np.uint8)
+    ends = np.flatnonzero(octets == 10) + 1
+    bounds = np.concatenate([[0], ends, [len(octets)] if len(octets) and octets[-1] != 10 else []]).astype(np.int64)
+    if len(bounds) > 1 and (octets[bounds[:-1]] == ord("{")).all() and ingest_columnar.eligible(source):
         # every line opens an object, so none is blank: the block as it came, not split
         data, numbers = block.data, np.arange(block.first, block.first + len(bounds) - 1)
     else:
