@@ -250,15 +250,16 @@ def _convert(t: pa.Table, numbers: list[int], shown: str, source: ir.Source, ste
         ok &= known
 
     tags = {}
+    no_tags = pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, dtype=np.int32)), pa.array([], pa.string()))
     for key in ("image_tags", "instruction_tags"):
         column = _column(t, key)
         if _is_null(column):
-            tags[key] = pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, dtype=np.int32)), pa.array([], pa.string()))
+            tags[key] = no_tags
             continue
         if not pa.types.is_list(column.type) or not (pa.types.is_string(column.type.value_type)
                                                      or pa.types.is_null(column.type.value_type)):
             ok &= ~_valid(column)
-            tags[key] = pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, dtype=np.int32)), pa.array([], pa.string()))
+            tags[key] = no_tags
             continue
         items = column.flatten()
         counts = np.asarray(pc.list_value_length(column).fill_null(0), dtype=np.int64)
@@ -268,9 +269,7 @@ def _convert(t: pa.Table, numbers: list[int], shown: str, source: ir.Source, ste
     own = _column(t, "id")
     if _is_null(own) or pa.types.is_boolean(own.type):
         source_ids = pa.nulls(n, pa.string())
-    elif _strings(own):
-        source_ids = own.cast(pa.string())
-    elif pa.types.is_int64(own.type):
+    elif _strings(own) or pa.types.is_int64(own.type):
         source_ids = own.cast(pa.string())
     else:  # a float (an integer past 64 bits, say), a timestamp pyarrow saw in a string: line by line
         ok &= ~_valid(own)
