@@ -31,7 +31,7 @@ import pyarrow.json as pj
 
 from recipec import ir, records
 
-MAX_SPLITS = 16  # rows pyarrow refuses in one block before the rest of it goes line by line
+MAX_SPLITS = 16  # lines pyarrow refuses in one block before the rest of it goes line by line
 _READ = pj.ReadOptions(use_threads=False, block_size=1 << 26)
 _PARSE = pj.ParseOptions(newlines_in_values=False)
 
@@ -91,43 +91,39 @@ def read(data: bytes, bounds: np.ndarray, numbers: np.ndarray, shown: str, sourc
     n = len(bounds) - 1
     accepted = np.zeros(n, dtype=bool)
     usable = _closed(data, bounds)
-    tables: list[pa.Table] = []
-    splits = 0
-    start = 0
-    while start < n:
-        if not usable[start]:
-            start += 1
-            continue
-        end = start
-        while end < n and usable[end]:
-            end += 1
+    for _ in range(MAX_SPLITS + 1):
+        # the usable lines parsed as one body (one call, whatever lines are left out between them)
+        lines = np.flatnonzero(usable)
+        if not len(lines):
+            break
+        if len(lines) == n:
+            body = data
+        else:
+            runs = np.flatnonzero(np.diff(lines) != 1) + 1  # where a run of consecutive lines starts
+            firsts, lasts = lines[np.concatenate([[0], runs])], lines[np.concatenate([runs - 1, [len(lines) - 1]])]
+            body = b"".join([data[a:b] for a, b in zip(bounds[firsts].tolist(), bounds[lasts + 1].tolist())])
         try:
-            body = data if start == 0 and end == n else data[bounds[start]:bounds[end]]
             parsed = pj.read_json(io.BytesIO(body), read_options=_READ, parse_options=_PARSE)
         except pa.ArrowInvalid as e:
             bad = _row_of(str(e))
-            splits += 1
-            if bad is None or splits > MAX_SPLITS or start + bad >= end:
+            if bad is None or bad >= len(lines):
                 break  # the rest of the block line by line
-            usable[start + bad] = False
-            continue  # the same run again, without the line pyarrow refused
+            usable[lines[bad]] = False
+            continue  # again, without the line pyarrow refused
         except Exception:  # e.g. bytes that are not UTF-8: the per-line path says what is wrong
             break
-        if parsed.num_rows != end - start:  # a line with two values: the per-line path rejects it
-            usable[start:end] = False
-            continue
+        if parsed.num_rows != len(lines):  # a line with two values: the per-line path rejects it
+            break
         odd = _non_finite_rows(parsed)
         if odd.any():  # NaN, Inf, Infinity: pyarrow reads them, the per-line path rejects the line
-            usable[start + np.flatnonzero(odd)] = False
+            usable[lines[odd]] = False
             continue
         # no `<image>` in the bytes and no \u escape that could spell one: no turn holds the token
         tokens = (b"<" in body and b"<image>" in body) or (b"\\" in body and b"\\u" in body)  # memchr first
-        table, ok = _convert(parsed, numbers[start:end], shown, source, step_id, known_fields, tokens)
-        tables.append(table)
-        accepted[start:end] = ok
-        start = end
-    rows = pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
-    return rows, accepted
+        rows, ok = _convert(parsed, numbers[lines], shown, source, step_id, known_fields, tokens)
+        accepted[lines] = ok
+        return rows, accepted
+    return ROW_SCHEMA.empty_table(), accepted
 
 
 def _closed(data: bytes, bounds: np.ndarray) -> np.ndarray:
