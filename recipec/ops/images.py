@@ -13,6 +13,7 @@ enforced by explicit checks on the header instead.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -97,7 +98,9 @@ def _normalise(relative: str) -> str:
         raise ImageReject("image_path_invalid", "empty image path")
     if "\x00" in relative:
         raise ImageReject("image_path_invalid", f"NUL byte in image path {relative!r}")
-    if PurePosixPath(relative).is_absolute() or PureWindowsPath(relative).drive:
+    # (a path with no '/' first, ':' or '\\' has neither a root nor a drive: pathlib is not asked)
+    if (relative.startswith("/") or ":" in relative or "\\" in relative) and \
+            (PurePosixPath(relative).is_absolute() or PureWindowsPath(relative).drive):
         raise ImageReject("image_path_escapes_root", f"absolute image path {relative!r}")
     if "\\" in relative:
         # A backslash is a separator on Windows and a file-name character on POSIX; accepting it
@@ -127,14 +130,26 @@ def resolve_inside(root: Path, relative: str) -> Path:
     """
     normal = _normalise(relative)
     try:
-        real_root = Path(root).resolve()
-        real = (real_root / normal).resolve()
-    except (OSError, RuntimeError) as e:  # symlink loops: RuntimeError on 3.11/3.12, OSError later
+        real_root = _resolved(os.fspath(root))
+        real = _resolved(os.path.join(real_root, normal))
+    except (OSError, RuntimeError) as e:  # a symlink loop
         raise ImageReject("image_path_invalid", f"cannot resolve image path {relative!r}: {e}") from e
     if real == real_root:
         raise ImageReject("image_path_invalid", f"image path {relative!r} resolves to the root itself")
-    if not real.is_relative_to(real_root):
+    if not real.startswith(real_root if real_root.endswith(os.sep) else real_root + os.sep):
         raise ImageReject("image_path_escapes_root", f"image path {relative!r} resolves outside its root")
+    return Path(real)
+
+
+def _resolved(path: str) -> str:
+    """What ``Path(path).resolve()`` gives, as a string, without its objects (this runs once an
+    image): absolute, symlinks followed, and a symlink loop raised (``realpath`` alone lets it by)."""
+    real = os.path.realpath(path)
+    try:
+        os.stat(real)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise
     return real
 
 
@@ -160,7 +175,11 @@ def _read_bytes(path: Path, shown: str, max_bytes: int) -> bytes:
         if st.st_size > max_bytes:
             raise ImageReject("image_too_large", f"{shown!r} is {st.st_size} bytes, more than {max_bytes}")
         with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(max_bytes + 1)  # +1: notice a file that grew while we read it
+            # its size and one byte more, to notice a file that grew while we read it (a read asks
+            # for its whole length up front, so asking for `max_bytes` would allocate that much)
+            data = f.read(min(st.st_size, max_bytes) + 1)
+            if len(data) > st.st_size:
+                data += f.read(max_bytes + 1 - len(data))
     except OSError as e:
         raise ImageReject("image_unreadable", f"cannot read {shown!r}: {e.strerror or e}") from e
     finally:
