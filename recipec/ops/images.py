@@ -121,7 +121,15 @@ def _normalise(relative: str) -> str:
     return "/".join(parts)
 
 
-def resolve_inside(root: Path, relative: str) -> Path:
+class ResolvedRoot:
+    """A root folder resolved once, for many paths under it (``resolve_inside`` then resolves only
+    theirs). Raises OSError or RuntimeError for a symlink loop, as ``Path.resolve`` does."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.real = _resolved(os.fspath(root))
+
+
+def resolve_inside(root: Path | ResolvedRoot, relative: str) -> Path:
     """The real location of ``relative`` under ``root``, or ``ImageReject`` if it is not inside.
 
     Lexical checks first (absolute paths, '..' above the root, NUL bytes), then both paths are
@@ -130,7 +138,7 @@ def resolve_inside(root: Path, relative: str) -> Path:
     """
     normal = _normalise(relative)
     try:
-        real_root = _resolved(os.fspath(root))
+        real_root = root.real if isinstance(root, ResolvedRoot) else _resolved(os.fspath(root))
         real = _resolved(os.path.join(real_root, normal))
     except (OSError, RuntimeError) as e:  # a symlink loop
         raise ImageReject("image_path_invalid", f"cannot resolve image path {relative!r}: {e}") from e
@@ -230,7 +238,7 @@ def _looks_truncated(data: bytes, fmt: str) -> bool:
 # decoding
 
 
-def _decode(root: Path, relative: str, max_pixels: int, max_bytes: int) -> tuple[ImageInfo, Image.Image]:
+def _decode(root: Path | ResolvedRoot, relative: str, max_pixels: int, max_bytes: int) -> tuple[ImageInfo, Image.Image]:
     """Read, check and fully decode one image; every failure becomes an ``ImageReject``."""
     shown = relative if isinstance(relative, str) else repr(relative)
     normal = _normalise(relative)
@@ -288,7 +296,7 @@ def _classify(e: BaseException, shown: str) -> ImageReject:
 
 
 def inspect_image(
-    root: Path,
+    root: Path | ResolvedRoot,
     relative: str,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,

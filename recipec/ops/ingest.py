@@ -1440,12 +1440,18 @@ def _scores(value: dict[str, Any], source: ir.Source) -> dict[str, float]:
 def _inspect_piece(root: str | None, paths: list[str], max_pixels: int) -> list[imaging.ImageInfo | tuple[str, str]]:
     """Worker: inspect images; a reject comes back as (reason, detail)."""
     results: list[imaging.ImageInfo | tuple[str, str]] = []
+    folder: Path | imaging.ResolvedRoot | None = None
+    if root is not None:
+        try:
+            folder = imaging.ResolvedRoot(root)  # once for the piece, not once an image
+        except (OSError, RuntimeError):
+            folder = Path(root)  # each image gets the reject
     for path in paths:
-        if root is None:
+        if folder is None:
             results.append(("image_path_invalid", f"{path!r}: the source declares no `images` folder"))
             continue
         try:
-            results.append(imaging.inspect_image(Path(root), path, max_pixels=max_pixels))
+            results.append(imaging.inspect_image(folder, path, max_pixels=max_pixels))
         except imaging.ImageReject as e:
             results.append((e.reason, e.detail))
     return results
