@@ -414,8 +414,11 @@ def _first_images(batch: pa.Table, mask: np.ndarray, roots: dict[str, str | None
         return rows, paths, sizes, codes, digests
     sources = batch.column("source").take(pa.array(local, pa.int64())).to_pylist()
     firsts = pc.list_element(batch.column("images").take(pa.array(local, pa.int64())), 0).to_pylist()
+    folders: dict[str, Path | imaging.ResolvedRoot] = {}  # each source's root resolved once a batch
     for i, source, image in zip(local.tolist(), sources, firsts):
-        root = _root_of(source, roots, recipe_dir)
+        root = folders.get(source)
+        if root is None:
+            root = folders[source] = imaging.resolved_root(_root_of(source, roots, recipe_dir))
         try:
             path = imaging.resolve_inside(root, image["path"])
         except imaging.ImageReject as e:

@@ -129,6 +129,15 @@ class ResolvedRoot:
         self.real = _resolved(os.fspath(root))
 
 
+def resolved_root(root: str | os.PathLike[str]) -> Path | ResolvedRoot:
+    """``root`` resolved once for many paths under it; as given when it cannot be resolved (a
+    symlink loop), so that each path gets the reject ``resolve_inside`` gives it."""
+    try:
+        return ResolvedRoot(root)
+    except (OSError, RuntimeError):
+        return Path(root)
+
+
 def resolve_inside(root: Path | ResolvedRoot, relative: str) -> Path:
     """The real location of ``relative`` under ``root``, or ``ImageReject`` if it is not inside.
 

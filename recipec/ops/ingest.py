@@ -1440,12 +1440,7 @@ def _scores(value: dict[str, Any], source: ir.Source) -> dict[str, float]:
 def _inspect_piece(root: str | None, paths: list[str], max_pixels: int) -> list[imaging.ImageInfo | tuple[str, str]]:
     """Worker: inspect images; a reject comes back as (reason, detail)."""
     results: list[imaging.ImageInfo | tuple[str, str]] = []
-    folder: Path | imaging.ResolvedRoot | None = None
-    if root is not None:
-        try:
-            folder = imaging.ResolvedRoot(root)  # once for the piece, not once an image
-        except (OSError, RuntimeError):
-            folder = Path(root)  # each image gets the reject
+    folder = imaging.resolved_root(root) if root is not None else None  # once for the piece, not once an image
     for path in paths:
         if folder is None:
             results.append(("image_path_invalid", f"{path!r}: the source declares no `images` folder"))
