@@ -35,38 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _images import WORDS, generate  # noqa: E402
-
-RECIPE = """\
-recipe "images" {
-  seed = 7
-}
-
-model vlm {
-  architecture = llava_onevision
-  vision = "tiny://siglip"
-  language = "tiny://qwen2"
-  projector = mlp2x_gelu
-}
-
-source web {
-  format = llava_jsonl
-  path = "data/web.jsonl"
-  images = "data/images"
-  category = comprehensive
-  type = general
-  expect = %(n)d
-}
-
-stage s1 {
-  train = [projector]
-  lr = 1e-3
-  batch = 64
-  mix {
-    web = all
-  }
-}
-"""
-
+from bench_scale import RECIPE  # noqa: E402  (its ingest step alone runs here)
 
 def make_source(folder: Path, names: list[str], reuse: float, seed: int) -> int:
     """One record an image, then a share `reuse` more that use earlier images; returns the records."""
@@ -80,7 +49,7 @@ def make_source(folder: Path, names: list[str], reuse: float, seed: int) -> int:
         for i, name in lines:
             question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 30)))
             answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 60)))
-            f.write(json.dumps({"id": f"r{i}", "image": name, "conversations": [
+            f.write(json.dumps({"id": f"r{i}", "image": name, "loss": 1.0, "conversations": [
                 {"from": "human", "value": f"<image>\n{question}?"}, {"from": "gpt", "value": f"{answer}."}]}) + "\n")
     return len(lines)
 

@@ -123,7 +123,7 @@ def _normalise(relative: str) -> str:
 
 class ResolvedRoot:
     """A root folder resolved once, for many paths under it (``resolve_inside`` then resolves only
-    theirs). Raises OSError or RuntimeError for a symlink loop, as ``Path.resolve`` does."""
+    theirs). Raises OSError for a symlink loop."""
 
     def __init__(self, root: str | os.PathLike[str]):
         self.real = _resolved(os.fspath(root))
@@ -134,7 +134,7 @@ def resolved_root(root: str | os.PathLike[str]) -> Path | ResolvedRoot:
     symlink loop), so that each path gets the reject ``resolve_inside`` gives it."""
     try:
         return ResolvedRoot(root)
-    except (OSError, RuntimeError):
+    except OSError:
         return Path(root)
 
 
@@ -149,7 +149,7 @@ def resolve_inside(root: Path | ResolvedRoot, relative: str) -> Path:
     try:
         real_root = root.real if isinstance(root, ResolvedRoot) else _resolved(os.fspath(root))
         real = _resolved(os.path.join(real_root, normal))
-    except (OSError, RuntimeError) as e:  # a symlink loop
+    except OSError as e:  # a symlink loop
         raise ImageReject("image_path_invalid", f"cannot resolve image path {relative!r}: {e}") from e
     if real == real_root:
         raise ImageReject("image_path_invalid", f"image path {relative!r} resolves to the root itself")
@@ -247,7 +247,8 @@ def _looks_truncated(data: bytes, fmt: str) -> bool:
 # decoding
 
 
-def _decode(root: Path | ResolvedRoot, relative: str, max_pixels: int, max_bytes: int) -> tuple[ImageInfo, Image.Image]:
+def _decode(root: Path | ResolvedRoot, relative: str, max_pixels: int,
+            max_bytes: int) -> tuple[ImageInfo, Image.Image]:
     """Read, check and fully decode one image; every failure becomes an ``ImageReject``."""
     shown = relative if isinstance(relative, str) else repr(relative)
     normal = _normalise(relative)
