@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from recipec.ops import images
 from recipec.ops.images import (
     REASONS,
     ImageInfo,
@@ -262,6 +263,50 @@ def test_symlinks_leading_outside_the_root(root: Path) -> None:
     assert _reason(root, "link.png") == "image_path_escapes_root"
     assert _reason(root, "linkdir/secret.png") == "image_path_escapes_root"
     assert _reason(root, "dangling.png") == "image_path_escapes_root"
+
+
+def test_a_root_resolved_once_gives_every_verdict_a_root_resolved_each_time_gives(root: Path) -> None:
+    """`resolved_root` (once for many images) against a plain root (resolved for each): the same
+    image or the same reject and detail, for a root behind a symlink, links inside and out of it,
+    '..', a missing file, a folder, a symlink loop below the root, and a root that is one itself."""
+    outside = root.parent / "outside"
+    outside.mkdir()
+    _write(outside, "secret.png", _encode(_noise_image(), "PNG"))
+    _write(root, "images/a.png", _encode(_noise_image(), "PNG"))
+    try:
+        (root / "link.png").symlink_to(root / "images" / "a.png")
+        (root / "out.png").symlink_to(outside / "secret.png")
+        (root / "outdir").symlink_to(outside, target_is_directory=True)
+        (root / "loop1").symlink_to(root / "loop2")
+        (root / "loop2").symlink_to(root / "loop1")
+        (root.parent / "via").symlink_to(root, target_is_directory=True)
+        (root.parent / "rootloop").symlink_to(root.parent / "rootloop")
+    except OSError:
+        pytest.skip("symlinks not supported here")
+    paths = ["images/a.png", "link.png", "images/../link.png", "out.png", "outdir/secret.png",
+             "../outside/secret.png", "/etc/passwd", "images/none.png", "loop1/a.png", "images"]
+
+    def verdict(folder: Path | images.ResolvedRoot, relative: str) -> object:
+        try:
+            return inspect_image(folder, relative)
+        except ImageReject as e:
+            return (e.reason, e.detail)
+
+    seen = {}
+    for folder in (root, root.parent / "via", root.parent / "rootloop"):
+        once = images.resolved_root(folder)
+        assert isinstance(once, images.ResolvedRoot) == (folder.name != "rootloop")
+        seen[folder.name] = [verdict(once, p) for p in paths]
+        assert seen[folder.name] == [verdict(folder, p) for p in paths]
+    assert seen["via"] == seen["root"]
+    reasons = [v[0] if isinstance(v, tuple) else "ok" for v in seen["root"]]
+    assert reasons == ["ok"] * 3 + ["image_path_escapes_root"] * 4 + ["image_missing", "image_path_invalid",
+                                                                       "image_unreadable"]
+    assert "cannot resolve" in seen["root"][8][1]
+    # the root itself a loop: what the path alone decides first, then "cannot resolve" for each
+    assert [v[0] for v in seen["rootloop"]] == ["image_path_invalid"] * 5 + ["image_path_escapes_root"] * 2 + \
+        ["image_path_invalid"] * 3
+    assert all("cannot resolve" in v[1] for i, v in enumerate(seen["rootloop"]) if i not in (5, 6))
 
 
 @pytest.mark.parametrize("relative", ["", ".", "./", "a\x00.png", "images\\a.png", None, 3])
